@@ -1,0 +1,491 @@
+"""Throughput of tfmir's input pipeline against the model alone, and the effect of mixed_bfloat16.
+
+    python benchmarks/embed_throughput.py                    # cpu preset, the full run (~15 min, 2 cores)
+    python benchmarks/embed_throughput.py --recall=false     # throughput only
+    python benchmarks/embed_throughput.py --preset=paper --recall=false --jit_compile=false \
+        --num_images=256 --classes_per_batch=6 --train_steps=3 --repeats=3   # ResNet50 at 224
+
+In one run, for every precision policy (float32, mixed_bfloat16):
+
+1. Embedding: images/s of `make_dataset(training=False)` feeding the model (one `tf.function`,
+   as `tfmir.training.embed_examples` does) against the same model on the same batches already
+   decoded, resized and cropped in memory; the input pipeline alone; the pipeline overhead
+   1 - pipeline/model-only (the target is <= 10 %).
+2. Training: steps/s of `model.fit` on the sampler-driven `make_dataset(training=True)` (as
+   `tfmir.training.train_embedder` builds it) against the same model fitting one in-memory batch
+   repeated; for `jit_compile` False and True. The first epoch (tracing) is not timed; each
+   further epoch of --train_steps steps is one repeat.
+3. Recall@1 (--recall): `train_embedder` on the data with --recall_preset, float32 and
+   mixed_bfloat16 from the same seed, then per-source test Recall@1 of the final model via
+   `evaluate_retrieval`.
+
+Models are built with random weights (`weights=None`): speed does not depend on them, and the
+paper preset then needs no download. Every figure is the median of --repeats timed runs
+(`time.perf_counter`), runs of the compared variants interleaved so that load from other
+processes hits them alike; the CPU time other processes took during each run is recorded
+("others", in cores) next to the load average. Reads the shipped MedMNIST sample, or --data
+(the `tfmir train --data` specs). Writes the tables to stdout and everything to --output_json.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+import tfmir  # noqa: E402
+from tfmir.data import make_dataset  # noqa: E402
+from tfmir.losses import MultiSimilarity  # noqa: E402
+from tfmir.models import Embedder, get_preset  # noqa: E402
+from tfmir.training import evaluate_retrieval, make_sampler, train_embedder  # noqa: E402
+
+PRESET_DEFAULTS = {
+    # preset: (num_images, embedding batch_size, train_steps per timed epoch)
+    "tiny": (512, 128, 20),
+    "cpu": (2048, 256, 30),
+    "paper": (256, 32, 3),
+}
+PRECISIONS = ("float32", "mixed_bfloat16")
+
+_DATA = flags.DEFINE_multi_string(
+    "data", None, "Dataset spec(s) as for `tfmir train --data` (default: the shipped sample).")
+_PRESET = flags.DEFINE_enum("preset", "cpu", list(PRESET_DEFAULTS), "Model and input sizes.")
+_NUM_IMAGES = flags.DEFINE_integer(
+    "num_images", None, "Images embedded per timed run (default: 2048, paper: 256); the training "
+    "split is cycled when it is smaller.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", None,
+                                   "Embedding batch size (default: 256, paper: 32).")
+_TRAIN_STEPS = flags.DEFINE_integer("train_steps", None,
+                                    "Train steps per timed epoch (default: 30, paper: 3).")
+_CLASSES = flags.DEFINE_integer("classes_per_batch", None,
+                                "c, classes per training batch (default: the preset's).")
+_PER_CLASS = flags.DEFINE_integer("per_class", None,
+                                  "k, images per class per training batch (default: preset's).")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs per figure (the median is reported).")
+_PRECISIONS = flags.DEFINE_list("precisions", list(PRECISIONS), "Keras dtype policies to compare.")
+_JIT = flags.DEFINE_list("jit_compile", ["false", "true"],
+                         "`model.compile(jit_compile=...)` values for the train step.")
+_TRAIN = flags.DEFINE_bool("train", True, "Measure training throughput.")
+_RECALL = flags.DEFINE_bool("recall", True, "Train twice (float32, mixed_bfloat16) and compare "
+                            "test Recall@1 (takes minutes).")
+_RECALL_PRESET = flags.DEFINE_enum("recall_preset", "cpu", list(PRESET_DEFAULTS),
+                                   "Preset trained for the Recall@1 comparison.")
+_RECALL_EPOCHS = flags.DEFINE_integer("recall_epochs", 3, "Epochs of each Recall@1 training.")
+_RECALL_STEPS = flags.DEFINE_integer("recall_steps_per_epoch", 100,
+                                     "Steps per epoch of each Recall@1 training.")
+_RECALL_SEEDS = flags.DEFINE_list("recall_seeds", ["0"], "Seeds of the Recall@1 trainings; "
+                                  "each seed trains every precision.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of weights, sampling and augmentation.")
+_OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Also write every figure here.")
+
+
+# --- Measuring --------------------------------------------------------------------------------
+
+def _busy_seconds() -> float:
+    """CPU seconds all processes have used on this machine (from /proc/stat)."""
+    try:
+        with open("/proc/stat") as stream:
+            fields = [int(value) for value in stream.readline().split()[1:]]
+    except OSError:
+        return float("nan")
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+@dataclasses.dataclass
+class Timing:
+    """One timed run: wall seconds and the cores other processes kept busy meanwhile."""
+
+    seconds: float
+    others: float
+
+
+def _timed(function) -> Timing:
+    busy, own, start = _busy_seconds(), _own_seconds(), time.perf_counter()
+    function()
+    seconds = time.perf_counter() - start
+    others = (_busy_seconds() - busy - (_own_seconds() - own)) / seconds
+    return Timing(seconds, max(others, 0.0))
+
+
+def _summary(timings, work: float, unit: str) -> dict:
+    """Median rate (work / seconds) over the timed runs, with its spread and the others' load."""
+    rates = [work / timing.seconds for timing in timings]
+    return {"median": statistics.median(rates), "min": min(rates), "max": max(rates),
+            "unit": unit, "runs": rates,
+            "others_cores": max(timing.others for timing in timings)}
+
+
+def _load() -> str:
+    return "load average: " + ", ".join(f"{value:.2f}" for value in os.getloadavg())
+
+
+@contextlib.contextmanager
+def _policy(name: str):
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(name)
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+
+
+def _cycled(examples, num_items: int):
+    """The first num_items items, cycling through `examples` when it has fewer."""
+    order = np.arange(num_items) % len(examples)
+    if num_items <= len(examples):
+        return examples.subset(order)
+    stored = ({"images": examples.images[order], "paths": None} if examples.in_memory
+              else {"images": None, "paths": examples.paths[order]})
+    return dataclasses.replace(
+        examples, labels=examples.labels[order], sources=examples.sources[order],
+        ids=[f"{index}:{examples.ids[position]}" for index, position in enumerate(order)],
+        mask_paths=None, splits=None, **stored)
+
+
+# --- The three measurements -------------------------------------------------------------------
+
+def measure_embedding(examples, *, preset: str, precision: str, batch_size: int, image_size: int,
+                      resize_size: int, repeats: int, seed: int) -> dict:
+    """Images/s: pipeline + model, model alone on in-memory batches, and the pipeline alone."""
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(seed)
+    with _policy(precision):
+        model = Embedder.from_preset(preset, weights=None)
+
+        def build():
+            return make_dataset(examples, training=False, batch_size=batch_size,
+                                image_size=image_size, resize_size=resize_size, with_labels=False)
+
+        # The same function embed_examples uses: one trace per batch shape.
+        embed = tf.function(lambda images: model(images, training=False), reduce_retracing=True)
+        build_seconds = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            dataset = build()
+            build_seconds.append(time.perf_counter() - start)
+        batches = [images for images in dataset]  # decoded, resized, cropped: in memory
+
+        def model_only():
+            for images in batches:
+                np.asarray(embed(images))
+
+        def pipeline_and_model():
+            for images in dataset:
+                np.asarray(embed(images))
+
+        def pipeline_only():
+            for images in dataset:
+                pass
+
+        variants = {"model_only": model_only, "pipeline_and_model": pipeline_and_model,
+                    "pipeline_only": pipeline_only}
+        for run in variants.values():  # warm-up: tracing, tf.data thread pools, oneDNN kernels
+            run()
+        timings = {name: [] for name in variants}
+        for _ in range(repeats):
+            for name, run in variants.items():
+                timings[name].append(_timed(run))
+    result = {name: _summary(runs, len(examples), "images/s") for name, runs in timings.items()}
+    result["overhead"] = 1 - result["pipeline_and_model"]["median"] / result["model_only"]["median"]
+    result["make_dataset_seconds"] = statistics.median(build_seconds)
+    return result
+
+
+class EpochTimer(keras.callbacks.Callback):
+    """Records the wall time of every epoch and the cores other processes used meanwhile."""
+
+    def __init__(self):
+        super().__init__()
+        self.timings = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = (_busy_seconds(), _own_seconds(), time.perf_counter())
+
+    def on_epoch_end(self, epoch, logs=None):
+        busy, own, start = self._start
+        seconds = time.perf_counter() - start
+        others = (_busy_seconds() - busy - (_own_seconds() - own)) / seconds
+        self.timings.append(Timing(seconds, max(others, 0.0)))
+
+
+def measure_training(train, *, preset: str, precision: str, jit_compile: bool, feed: str,
+                     steps: int, repeats: int, image_size: int, resize_size: int,
+                     num_classes_per_batch: int, num_per_class: int, learning_rate: float,
+                     seed: int) -> dict:
+    """Train steps/s of `model.fit` fed by the real training pipeline or one in-memory batch."""
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(seed)
+    with _policy(precision):
+        sampler = make_sampler(train, num_classes_per_batch=num_classes_per_batch,
+                               num_per_class=num_per_class, seed=seed)
+        dataset = make_dataset(train, training=True, sampler=sampler, image_size=image_size,
+                               resize_size=resize_size, seed=seed)
+        if feed == "in_memory":
+            dataset = tf.data.Dataset.from_tensors(next(iter(dataset))).repeat()
+        model = Embedder.from_preset(preset, weights=None)
+        model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=MultiSimilarity(),
+                      jit_compile=jit_compile)
+        timer = EpochTimer()
+        model.fit(dataset, epochs=1 + repeats, steps_per_epoch=steps, callbacks=[timer],
+                  verbose=0, shuffle=False)
+    result = _summary(timer.timings[1:], steps, "steps/s")
+    result["warmup_epoch_seconds"] = timer.timings[0].seconds
+    result["batch_size"] = sampler.batch_size
+    return result
+
+
+def measure_training_input(train, *, steps: int, repeats: int, image_size: int, resize_size: int,
+                           num_classes_per_batch: int, num_per_class: int, seed: int) -> dict:
+    """Batches/s of the sampler-driven training pipeline alone (no model)."""
+    sampler = make_sampler(train, num_classes_per_batch=num_classes_per_batch,
+                           num_per_class=num_per_class, seed=seed)
+    dataset = make_dataset(train, training=True, sampler=sampler, image_size=image_size,
+                           resize_size=resize_size, seed=seed)
+    iterator = iter(dataset)
+    next(iterator)
+
+    def run():
+        for _ in range(steps):
+            next(iterator)
+
+    return _summary([_timed(run) for _ in range(repeats)], steps, "batches/s")
+
+
+def measure_recall(splits, *, preset: str, precisions, seeds, epochs: int, steps_per_epoch: int):
+    """Trains `preset` once per (seed, precision) and scores the final model on the test split."""
+    runs = []
+    for seed in seeds:
+        for precision in precisions:
+            with tempfile.TemporaryDirectory() as workdir:
+                start = time.perf_counter()
+                result = train_embedder(splits["train"], splits["val"], workdir=workdir,
+                                        preset=preset, epochs=epochs,
+                                        steps_per_epoch=steps_per_epoch,
+                                        mixed_precision=precision == "mixed_bfloat16",
+                                        seed=seed, verbose=0)
+                seconds = time.perf_counter() - start
+            recall = evaluate_retrieval(result.model, splits["test"],
+                                        resize_size=result.resize_size, ks=(1,))
+            runs.append({"precision": precision, "seed": seed, "train_seconds": seconds,
+                         "recall@1": {source: values["recall@1"]
+                                      for source, values in recall.items()}})
+            print(f"  recall: {precision} seed={seed}: "
+                  + ", ".join(f"{source} {100 * value:.1f}"
+                              for source, value in runs[-1]["recall@1"].items())
+                  + f" ({seconds:.0f} s, {_load()})", flush=True)
+    return runs
+
+
+# --- Report -----------------------------------------------------------------------------------
+
+def environment() -> dict:
+    cpu_model = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as stream:
+            names = [line.split(":", 1)[1].strip() for line in stream if line.startswith("model name")]
+            cpu_model = names[0] if names else cpu_model
+    except OSError:
+        pass
+    return {
+        "python": platform.python_version(), "tensorflow": tf.__version__,
+        "keras": keras.__version__, "tfmir": tfmir.__version__, "cpu": cpu_model,
+        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "gpus": len(tf.config.list_physical_devices("GPU")),
+        "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default (on)"),
+    }
+
+
+def _cell(figure: dict | None, digits: int = 1) -> str:
+    if figure is None:
+        return "—"
+    if "error" in figure:
+        return "failed"
+    return (f"{figure['median']:.{digits}f} [{figure['min']:.{digits}f}–{figure['max']:.{digits}f}]")
+
+
+def _ratio(numerator: dict | None, denominator: dict | None) -> str:
+    if not numerator or not denominator or "error" in numerator or "error" in denominator:
+        return "—"
+    return f"{numerator['median'] / denominator['median']:.2f}×"
+
+
+def _percent(value) -> str:
+    return "—" if value is None else f"{100 * value:.1f} %"
+
+
+def throughput_table(results: dict, precisions) -> str:
+    """Markdown: one row per measurement, one column per precision, and the speed-up."""
+    reference, other = precisions[0], (precisions[1] if len(precisions) > 1 else None)
+    columns = [*precisions] + ([f"{other} / {reference}"] if other else [])
+    lines = ["| measurement | " + " | ".join(columns) + " |", "|---" * (1 + len(columns)) + "|"]
+
+    def row(name, cells, speedup=""):
+        lines.append(f"| {name} | " + " | ".join(cells) + (f" | {speedup}" if other else "") + " |")
+
+    embedding = results["embedding"]
+    for key, name in (("model_only", "embed: model alone, in-memory batches (images/s)"),
+                      ("pipeline_and_model", "embed: make_dataset + model (images/s)"),
+                      ("pipeline_only", "embed: make_dataset alone (images/s)")):
+        figures = [embedding[p][key] for p in precisions]
+        row(name, [_cell(f) for f in figures], _ratio(figures[-1], figures[0]))
+    row("**embed: pipeline overhead**", [_percent(embedding[p]["overhead"]) for p in precisions])
+    for jit_key, training in results.get("training", {}).items():
+        for feed, name in (("in_memory", "one in-memory batch"),
+                           ("pipeline", "sampler + make_dataset")):
+            figures = [training[p].get(feed) for p in precisions]
+            row(f"train {jit_key}: {name} (steps/s)", [_cell(f, 2) for f in figures],
+                _ratio(figures[-1], figures[0]))
+        row(f"**train {jit_key}: pipeline overhead**",
+            [_percent(training[p].get("overhead")) for p in precisions])
+    if "training_input" in results:
+        figure = results["training_input"]
+        row("train: sampler + make_dataset alone (batches/s)",
+            [_cell(figure)] + ["(same)"] * (len(precisions) - 1))
+    return "\n".join(lines)
+
+
+def recall_table(runs) -> str:
+    sources = list(runs[0]["recall@1"])
+    lines = ["| precision | seed | " + " | ".join(f"{s} R@1" for s in sources) + " | train + val time |",
+             "|---" * (3 + len(sources)) + "|"]
+    for run in runs:
+        lines.append(f"| {run['precision']} | {run['seed']} | "
+                     + " | ".join(f"{100 * run['recall@1'][s]:.1f}" for s in sources)
+                     + f" | {run['train_seconds']:.0f} s |")
+    return "\n".join(lines)
+
+
+def main(argv) -> None:
+    del argv
+    started = time.perf_counter()
+    env = environment()
+    print("environment: " + ", ".join(f"{key}={value}" for key, value in env.items()))
+    print(f"start: {time.strftime('%Y-%m-%d %H:%M:%S')}, {_load()}", flush=True)
+
+    if _DATA.value:
+        from tfmir.data.specs import load_specs
+
+        splits = load_specs(_DATA.value, seed=_SEED.value)
+    else:
+        from tfmir.samples import load_sample
+
+        splits = load_sample()
+    preset = _PRESET.value
+    settings = get_preset(preset)
+    default_images, default_batch, default_steps = PRESET_DEFAULTS[preset]
+    num_images = _NUM_IMAGES.value or default_images
+    batch_size = _BATCH_SIZE.value or default_batch
+    train_steps = _TRAIN_STEPS.value or default_steps
+    image_size = settings["model"]["image_size"]
+    resize_size = settings["data"]["resize_size"]
+    schedule = settings["training"]
+    num_classes_per_batch = _CLASSES.value or schedule["num_classes_per_batch"]
+    num_per_class = _PER_CLASS.value or schedule["num_per_class"]
+    precisions = list(_PRECISIONS.value)
+    jit_values = [value.lower() in ("true", "1", "yes") for value in _JIT.value]
+    repeats = _REPEATS.value
+    print(f"preset={preset}: image_size={image_size}, resize_size={resize_size}; embedding "
+          f"{num_images} images in batches of {batch_size}; training batches of "
+          f"{num_classes_per_batch}x{num_per_class}, {train_steps} steps per timed epoch; "
+          f"median of {repeats} runs", flush=True)
+
+    results = {"environment": env, "preset": preset, "flags": {
+        "num_images": num_images, "batch_size": batch_size, "train_steps": train_steps,
+        "classes_per_batch": num_classes_per_batch, "per_class": num_per_class,
+        "repeats": repeats, "precisions": precisions, "jit_compile": jit_values,
+        "seed": _SEED.value, "data": _DATA.value or ["sample"]}}
+
+    examples = _cycled(splits["train"], num_images)
+    results["embedding"] = {}
+    for precision in precisions:
+        figure = measure_embedding(examples, preset=preset, precision=precision,
+                                   batch_size=batch_size, image_size=image_size,
+                                   resize_size=resize_size, repeats=repeats, seed=_SEED.value)
+        results["embedding"][precision] = figure
+        print(f"  embed {precision}: model alone {figure['model_only']['median']:.1f}, "
+              f"pipeline + model {figure['pipeline_and_model']['median']:.1f}, pipeline alone "
+              f"{figure['pipeline_only']['median']:.1f} images/s; overhead "
+              f"{_percent(figure['overhead'])}; others used up to "
+              f"{max(figure[k]['others_cores'] for k in ('model_only', 'pipeline_and_model')):.2f}"
+              f" cores ({_load()})", flush=True)
+
+    if _TRAIN.value:
+        train_arguments = dict(image_size=image_size, resize_size=resize_size,
+                               num_classes_per_batch=num_classes_per_batch,
+                               num_per_class=num_per_class, seed=_SEED.value)
+        results["training_input"] = measure_training_input(
+            splits["train"], steps=train_steps, repeats=repeats, **train_arguments)
+        results["training"] = {}
+        for jit_compile in jit_values:
+            jit_key = f"jit_compile={jit_compile}"
+            results["training"][jit_key] = {}
+            for precision in precisions:
+                figures = {}
+                # Feeds interleaved per precision so that both see the same background load.
+                for feed in ("in_memory", "pipeline"):
+                    try:
+                        figures[feed] = measure_training(
+                            splits["train"], preset=preset, precision=precision,
+                            jit_compile=jit_compile, feed=feed, steps=train_steps,
+                            repeats=repeats, learning_rate=schedule["learning_rate"],
+                            **train_arguments)
+                    except Exception as error:  # noqa: BLE001 - report, keep measuring
+                        figures[feed] = {"error": f"{type(error).__name__}: {error}"[:500]}
+                    figure = figures[feed]
+                    print(f"  train {jit_key} {precision} {feed}: "
+                          + (f"{figure['median']:.2f} steps/s (warm-up epoch "
+                             f"{figure['warmup_epoch_seconds']:.1f} s, others up to "
+                             f"{figure['others_cores']:.2f} cores)" if "error" not in figure
+                             else figure["error"]) + f" ({_load()})", flush=True)
+                if all("error" not in figure for figure in figures.values()):
+                    figures["overhead"] = 1 - figures["pipeline"]["median"] / figures["in_memory"]["median"]
+                results["training"][jit_key][precision] = figures
+
+    print(f"\nThroughput, preset={preset} (median [min–max] of {repeats} runs):\n")
+    table = throughput_table(results, precisions)
+    print(table)
+    results["table"] = table
+
+    if _RECALL.value:
+        print(f"\nRecall@1: {_RECALL_PRESET.value} preset, {_RECALL_EPOCHS.value} epochs x "
+              f"{_RECALL_STEPS.value} steps, final model, test split", flush=True)
+        runs = measure_recall(splits, preset=_RECALL_PRESET.value, precisions=precisions,
+                              seeds=[int(seed) for seed in _RECALL_SEEDS.value],
+                              epochs=_RECALL_EPOCHS.value, steps_per_epoch=_RECALL_STEPS.value)
+        results["recall"] = {"preset": _RECALL_PRESET.value, "epochs": _RECALL_EPOCHS.value,
+                             "steps_per_epoch": _RECALL_STEPS.value, "runs": runs}
+        print("\n" + recall_table(runs))
+
+    results["wall_seconds"] = time.perf_counter() - started
+    print(f"\nend: {time.strftime('%Y-%m-%d %H:%M:%S')}, {_load()}; wall time "
+          f"{results['wall_seconds']:.0f} s; TF intra/inter-op threads "
+          f"{tf.config.threading.get_intra_op_parallelism_threads()}/"
+          f"{tf.config.threading.get_inter_op_parallelism_threads()} (0 = one per core)")
+    if _OUTPUT_JSON.value:
+        with open(_OUTPUT_JSON.value, "w") as stream:
+            json.dump(results, stream, indent=2, default=str)
+        print(f"wrote {_OUTPUT_JSON.value}")
+
+
+if __name__ == "__main__":
+    sys.exit(app.run(main))

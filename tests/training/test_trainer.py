@@ -1,0 +1,121 @@
+"""`train_embedder` on real data: the loss goes down, a crashed run resumes from its backup."""
+
+import json
+
+import keras
+import numpy as np
+import pytest
+
+from tfmir.data import load_medmnist_npz
+from tfmir.training import evaluate_retrieval, make_sampler, make_strategy, read_log, train_embedder
+from tfmir.training.strategy import STRATEGIES
+
+
+@pytest.fixture(scope="module")
+def xray(shared_data_dir):
+    splits = load_medmnist_npz(shared_data_dir / "pneumoniamnist" / "pneumoniamnist.npz",
+                               source="xray")
+    rng = np.random.default_rng(0)
+    train = splits["train"].subset(np.sort(rng.choice(len(splits["train"]), 600, replace=False)))
+    val = splits["val"].subset(np.arange(120))
+    return train, val
+
+
+class SimulatedCrash(Exception):
+    pass
+
+
+class CrashAfterEpoch(keras.callbacks.Callback):
+    """Stands in for a killed process: raises once `epoch` has been backed up."""
+
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+        self.weights = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.epoch:
+            self.weights = [w.copy() for w in self.model.get_weights()]
+            raise SimulatedCrash(f"crash after epoch {epoch}")
+
+
+class WeightsAtStart(keras.callbacks.Callback):
+    """Records the weights fit() starts from (after BackupAndRestore has restored them)."""
+
+    def on_train_begin(self, logs=None):
+        self.weights = [w.copy() for w in self.model.get_weights()]
+
+
+def test_training_lowers_the_loss_and_resumes_after_a_crash(xray, tmp_path):
+    train, val = xray
+    settings = dict(workdir=tmp_path, preset="tiny", epochs=4, steps_per_epoch=12,
+                    learning_rate=3e-3, num_classes_per_batch=2, num_per_class=10, verbose=0)
+    crash = CrashAfterEpoch(1)
+    with pytest.raises(SimulatedCrash):
+        train_embedder(train, val, callbacks=[crash], **settings)
+    assert (tmp_path / "backup").is_dir()
+    assert read_log(tmp_path / "log.csv")["epoch"] == [0.0, 1.0]
+
+    start = WeightsAtStart()
+    result = train_embedder(train, val, callbacks=[start], **settings)
+
+    assert result.initial_epoch == 2
+    for restored, saved in zip(start.weights, crash.weights):
+        np.testing.assert_array_equal(restored, saved)
+    history = result.history
+    assert history["epoch"] == [0.0, 1.0, 2.0, 3.0]
+    assert history["loss"][-1] < history["loss"][0]
+    assert {"val_recall@1", "val_recall@8"} <= set(history)
+    assert not (tmp_path / "backup").exists()  # a finished run removes its backup
+    best = keras.saving.load_model(result.best_path)
+    final = keras.saving.load_model(result.final_path)
+    images = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(final.predict(images, verbose=0),
+                               result.model.predict(images, verbose=0), atol=1e-6)
+    # best.keras holds the epoch with the highest validation Recall@1.
+    best_recall = evaluate_retrieval(best, val, resize_size=result.resize_size)["average"]["recall@1"]
+    assert best_recall == pytest.approx(max(history["val_recall@1"]), abs=1e-6)
+    assert json.loads((tmp_path / "config.json").read_text())["preset"] == "tiny"
+
+
+def test_several_sources_get_source_specific_batches(xray):
+    train, _ = xray
+    from tfmir.data import concatenate, load_medmnist_npz  # noqa: F401
+
+    sources = np.where(np.arange(len(train)) % 2 == 0, "a", "b")
+    import dataclasses
+
+    mixed = dataclasses.replace(train, sources=sources)
+    sampler = make_sampler(mixed, num_classes_per_batch=2, num_per_class=5)
+    batch = next(iter(sampler))
+    assert len(set(sources[batch])) == 1
+    single = make_sampler(train, num_classes_per_batch=2, num_per_class=5)
+    assert not hasattr(single, "source_probabilities")
+
+
+@pytest.mark.parametrize("name", ["default", "one_device", "mirrored"])
+def test_strategies_build_on_cpu(name):
+    strategy = make_strategy(name)
+    assert strategy.num_replicas_in_sync == 1
+
+
+def test_unknown_strategy_is_named():
+    with pytest.raises(ValueError, match="Received: strategy='tpu_pod'"):
+        make_strategy("tpu_pod")
+    assert "multi_worker" in STRATEGIES
+
+
+def test_training_under_mirrored_strategy(xray, tmp_path):
+    train, _ = xray
+    result = train_embedder(train, None, workdir=tmp_path, preset="tiny", epochs=1,
+                            steps_per_epoch=2, strategy="mirrored", verbose=0)
+    assert result.best_path is None
+    assert len(result.history["loss"]) == 1 and np.isfinite(result.history["loss"][0])
+
+
+def test_empty_splits_are_refused(xray, tmp_path):
+    train, val = xray
+    with pytest.raises(ValueError, match="training split is empty"):
+        train_embedder(train.subset([]), val, workdir=tmp_path, preset="tiny")
+    with pytest.raises(ValueError, match="validation split is empty"):
+        train_embedder(train, val.subset([]), workdir=tmp_path, preset="tiny")

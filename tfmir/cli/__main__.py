@@ -1,0 +1,3 @@
+from tfmir.cli.main import run
+
+run()

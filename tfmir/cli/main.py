@@ -1,0 +1,38 @@
+"""The `tfmir` console command: `tfmir <command> --flag=value ...`."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "demo": ("tfmir.cli.demo", "train the cpu preset on the shipped sample and show what it retrieves"),
+    "train": ("tfmir.cli.train", "train a retrieval embedder (Multi-Similarity), resumable"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: tfmir <command> [--flag=value ...]", "", "commands:"]
+    lines += [f"  {name:<8} {summary}" for name, (_, summary) in COMMANDS.items()]
+    lines += ["", "`tfmir <command> --help` lists a command's flags."]
+    return "\n".join(lines)
+
+
+def run(argv=None) -> None:
+    """Entry point of the `tfmir` console script."""
+    from absl import app
+
+    argv = list(sys.argv if argv is None else argv)
+    if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
+        print(usage())
+        sys.exit(0 if len(argv) >= 2 else 2)
+    command = argv[1]
+    if command not in COMMANDS:
+        print(f"tfmir: unknown command {command!r}.\n\n{usage()}", file=sys.stderr)
+        sys.exit(2)
+    module = importlib.import_module(COMMANDS[command][0])
+    app.run(module.main, argv=[f"tfmir {command}"] + argv[2:])
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,19 @@
+"""Retrieval and classification metrics."""
+
+from tfmir.metrics.classification import classification_metrics
+from tfmir.metrics.classification import knn_classification
+from tfmir.metrics.classification import knn_predict
+from tfmir.metrics.retrieval import map_at_k
+from tfmir.metrics.retrieval import precision_at_k
+from tfmir.metrics.retrieval import recall_at_k
+from tfmir.metrics.retrieval import retrieval_metrics
+
+__all__ = [
+    "classification_metrics",
+    "knn_classification",
+    "knn_predict",
+    "map_at_k",
+    "precision_at_k",
+    "recall_at_k",
+    "retrieval_metrics",
+]

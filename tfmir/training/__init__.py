@@ -1,0 +1,9 @@
+"""Training: strategy, callbacks, the embedder trainer and per-source evaluation."""
+
+from tfmir.training.callbacks import RetrievalEvaluation
+from tfmir.training.evaluation import embed_examples, evaluate_retrieval
+from tfmir.training.strategy import STRATEGIES, make_strategy
+from tfmir.training.trainer import TrainingResult, make_sampler, read_log, train_embedder
+
+__all__ = ["RetrievalEvaluation", "STRATEGIES", "TrainingResult", "embed_examples",
+           "evaluate_retrieval", "make_sampler", "make_strategy", "read_log", "train_embedder"]

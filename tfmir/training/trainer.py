@@ -1,0 +1,194 @@
+"""Trains an embedder with Multi-Similarity on class-balanced batches, resumable and evaluated per epoch."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import pathlib
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tfmir.data import ClassBalancedSampler, Examples, SourceAwareSampler, make_dataset
+from tfmir.losses import MultiSimilarity
+from tfmir.models import Embedder, get_preset
+from tfmir.training.callbacks import RetrievalEvaluation
+from tfmir.training.strategy import make_strategy
+
+BEST_MODEL = "best.keras"
+FINAL_MODEL = "final.keras"
+LOG_FILE = "log.csv"
+BACKUP_DIR = "backup"
+MONITOR = "val_recall@1"
+
+
+@dataclasses.dataclass
+class TrainingResult:
+    """What `train_embedder` produced.
+
+    Attributes:
+        model: the embedder after the last epoch.
+        history: per-epoch logs of the whole run (across resumes), read back from the CSV log.
+        initial_epoch: the epoch training started from (> 0 when it resumed from a backup).
+        best_path: the best checkpoint by validation Recall@1 (None without a validation split).
+        final_path: the model after the last epoch.
+        resize_size: the resize side used before cropping (evaluate with the same).
+    """
+
+    model: keras.Model
+    history: dict
+    initial_epoch: int
+    best_path: pathlib.Path | None
+    final_path: pathlib.Path
+    resize_size: int
+
+
+def make_sampler(examples: Examples, *, num_classes_per_batch: int, num_per_class: int,
+                 source_weights="size", seed: int = 0):
+    """Class-balanced batches, or source-specific ones when `examples` has several sources."""
+    if len(examples.source_names) > 1:
+        return SourceAwareSampler(examples.labels, examples.sources,
+                                  num_classes_per_batch=num_classes_per_batch,
+                                  num_per_class=num_per_class, source_weights=source_weights,
+                                  seed=seed)
+    return ClassBalancedSampler(examples.labels, num_classes_per_batch=num_classes_per_batch,
+                                num_per_class=num_per_class, seed=seed)
+
+
+def read_log(path: os.PathLike) -> dict:
+    """Reads a Keras CSVLogger file into {column: [float, ...]} ("epoch" included)."""
+    history: dict = {}
+    if not os.path.exists(path):
+        return history
+    with open(path, newline="") as handle:
+        for row in csv.DictReader(handle):
+            for key, value in row.items():
+                history.setdefault(key, []).append(float(value) if value not in ("", "NA", None) else np.nan)
+    return history
+
+
+def _backed_up_epoch(backup_dir: pathlib.Path) -> int:
+    """The epoch a `BackupAndRestore` backup will resume from (0 when there is none)."""
+    metadata = backup_dir / "training_metadata.json"
+    if not metadata.exists():
+        return 0
+    return int(json.loads(metadata.read_text())["epoch"])
+
+
+def _sharded(dataset: tf.data.Dataset) -> tf.data.Dataset:
+    # Sampler batches come from a generator: shard whole batches across workers, not files.
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return dataset.with_options(options)
+
+
+def train_embedder(train: Examples, val: Examples | None, *, workdir: os.PathLike,
+                   preset: str = "cpu", epochs: int | None = None,
+                   steps_per_epoch: int | None = None, learning_rate: float | None = None,
+                   num_classes_per_batch: int | None = None, num_per_class: int | None = None,
+                   source_weights="size", strategy: str = "auto", mixed_precision: bool = False,
+                   seed: int = 0, model_overrides: dict | None = None, eval_ks=(1, 2, 4, 8),
+                   verbose: int = 1, callbacks=()) -> TrainingResult:
+    """Trains an `Embedder` with the Multi-Similarity loss (paper 000's specialist).
+
+    Every epoch ends with Recall@K on `val` (per source when there are several), a backup of the
+    model and optimizer state in `workdir/backup` (an interrupted run started again with the same
+    `workdir` resumes from it), the best model by validation Recall@1 in `workdir/best.keras`, and
+    a row in `workdir/log.csv` and TensorBoard (`workdir/tensorboard`).
+
+    Args:
+        train: training split (one or several sources).
+        val: validation split, or None to skip evaluation and best-model tracking.
+        workdir: output folder.
+        preset: "tiny", "cpu" or "paper" (`tfmir.models.PRESETS`); the other arguments override it.
+        epochs: number of epochs.
+        steps_per_epoch: batches per epoch (sampler batches are endless).
+        learning_rate: Adam learning rate.
+        num_classes_per_batch: c, classes per batch.
+        num_per_class: k, images per class in a batch.
+        source_weights: how a source is chosen per batch with several sources: "size",
+            "uniform" or {source: weight}.
+        strategy: a `tfmir.training.strategy.STRATEGIES` name.
+        mixed_precision: train under the "mixed_bfloat16" policy.
+        seed: seeds weights, sampling and augmentation.
+        model_overrides: `Embedder` arguments replacing the preset's.
+        eval_ks: the K values reported each epoch.
+        verbose: Keras verbosity (1 shows a progress bar).
+        callbacks: extra Keras callbacks, run after tfmir's own.
+
+    Returns:
+        A `TrainingResult`.
+    """
+    settings = get_preset(preset)
+    model_config = {**settings["model"], **(model_overrides or {})}
+    schedule = settings["training"]
+    epochs = epochs or schedule["epochs"]
+    steps_per_epoch = steps_per_epoch or schedule["steps_per_epoch"]
+    learning_rate = learning_rate or schedule["learning_rate"]
+    num_classes_per_batch = num_classes_per_batch or schedule["num_classes_per_batch"]
+    num_per_class = num_per_class or schedule["num_per_class"]
+    resize_size = settings["data"]["resize_size"]
+    if model_config["image_size"] != settings["model"]["image_size"]:
+        resize_size = int(round(model_config["image_size"] * resize_size / settings["model"]["image_size"]))
+    if len(train) == 0:
+        raise ValueError("the training split is empty; expected at least one labelled image.")
+    if val is not None and len(val) == 0:
+        raise ValueError("the validation split is empty; pass val=None to train without it.")
+
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    initial_epoch = _backed_up_epoch(workdir / BACKUP_DIR)
+    resuming = initial_epoch > 0
+    (workdir / "config.json").write_text(json.dumps({
+        "preset": preset, "model": model_config, "resize_size": resize_size, "epochs": epochs,
+        "steps_per_epoch": steps_per_epoch, "learning_rate": learning_rate,
+        "num_classes_per_batch": num_classes_per_batch, "num_per_class": num_per_class,
+        "source_weights": source_weights, "strategy": strategy,
+        "mixed_precision": mixed_precision, "seed": seed,
+    }, indent=2, default=str))
+
+    keras.utils.set_random_seed(seed)
+    previous_policy = keras.mixed_precision.global_policy()
+    if mixed_precision:
+        keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        # A resumed run draws new batches rather than replaying the epochs it already saw.
+        sampler = make_sampler(train, num_classes_per_batch=num_classes_per_batch,
+                               num_per_class=num_per_class, source_weights=source_weights,
+                               seed=seed + initial_epoch)
+        dataset = _sharded(make_dataset(train, training=True, sampler=sampler,
+                                        image_size=model_config["image_size"],
+                                        resize_size=resize_size, seed=seed))
+        distribution = make_strategy(strategy)
+        with distribution.scope():
+            model = Embedder(**model_config)
+            model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=MultiSimilarity())
+
+        previous = read_log(workdir / LOG_FILE) if resuming else {}
+        all_callbacks = []
+        best_path = None
+        if val is not None:
+            all_callbacks.append(RetrievalEvaluation(val, resize_size=resize_size, ks=eval_ks))
+            best_path = workdir / BEST_MODEL
+            best_so_far = max(previous.get(MONITOR, [-np.inf]))
+            all_callbacks.append(keras.callbacks.ModelCheckpoint(
+                str(best_path), monitor=MONITOR, mode="max", save_best_only=True,
+                initial_value_threshold=None if not np.isfinite(best_so_far) else best_so_far))
+        all_callbacks += [
+            keras.callbacks.BackupAndRestore(str(workdir / BACKUP_DIR), double_checkpoint=True),
+            keras.callbacks.CSVLogger(str(workdir / LOG_FILE), append=resuming),
+            keras.callbacks.TensorBoard(str(workdir / "tensorboard"), write_graph=False),
+            *callbacks,
+        ]
+        model.fit(dataset, epochs=epochs, steps_per_epoch=steps_per_epoch,
+                  callbacks=all_callbacks, verbose=verbose, shuffle=False)
+        final_path = workdir / FINAL_MODEL
+        model.save(str(final_path))
+    finally:
+        keras.mixed_precision.set_global_policy(previous_policy)
+    return TrainingResult(model=model, history=read_log(workdir / LOG_FILE),
+                          initial_epoch=initial_epoch, best_path=best_path, final_path=final_path,
+                          resize_size=resize_size)

@@ -1,0 +1,90 @@
+"""Retrieval galleries: each row a query followed by its top-k results, framed green or red."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+MATCH_COLOR = (0, 170, 0)
+MISMATCH_COLOR = (210, 0, 0)
+QUERY_COLOR = (60, 60, 60)
+
+
+def _tile(image: np.ndarray, size: int, color, border: int) -> Image.Image:
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=-1)
+    if image.dtype != np.uint8:
+        image = np.clip(image, 0, 255).astype(np.uint8)
+    side = size - 2 * border
+    # Upscaled thumbnails keep their pixels visible; larger images are downscaled smoothly.
+    resample = Image.NEAREST if max(image.shape[:2]) <= side else Image.BILINEAR
+    inner = Image.fromarray(image[..., :3]).resize((side, side), resample)
+    tile = Image.new("RGB", (size, size), color)
+    tile.paste(inner, (border, border))
+    return tile
+
+
+def save_gallery(path: os.PathLike, query_images, query_labels, result_images, result_labels, *,
+                 class_names=None, row_titles=None, tile_size: int = 96, border: int = 5) -> str:
+    """Writes a PNG: one row per query, the query on the left, then its results in rank order.
+
+    Each result is framed green when its label equals the query's and red otherwise; the label
+    name is written under every tile.
+
+    Args:
+        path: output PNG path (written atomically).
+        query_images: (Q, H, W[, 3]) uint8 images.
+        query_labels: (Q,) int labels.
+        result_images: (Q, K, H, W[, 3]) uint8 images of the top-K results.
+        result_labels: (Q, K) int labels of the results.
+        class_names: label index -> name (default: the index).
+        row_titles: optional text per row (e.g. the source), written above the query.
+        tile_size: side of one tile in pixels.
+        border: frame width in pixels.
+
+    Returns:
+        The path written.
+    """
+    query_labels = np.asarray(query_labels).reshape(-1)
+    result_labels = np.asarray(result_labels)
+    num_queries, k = result_labels.shape
+    if len(query_images) != num_queries or len(result_images) != num_queries:
+        raise ValueError(
+            f"need one row of results per query; received {len(query_images)} queries, "
+            f"{len(result_images)} result rows and labels of shape {result_labels.shape}."
+        )
+    name = (lambda label: str(class_names[int(label)])) if class_names is not None else str
+    caption, gap = 14, 12
+    width = (k + 1) * tile_size + gap + k * 2
+    row_height = tile_size + 2 * caption
+    canvas = Image.new("RGB", (width, num_queries * row_height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for row in range(num_queries):
+        top = row * row_height + caption
+        if row_titles is not None:
+            draw.text((2, top - caption + 1), str(row_titles[row]), fill=(0, 0, 0))
+        canvas.paste(_tile(query_images[row], tile_size, QUERY_COLOR, border), (0, top))
+        draw.text((2, top + tile_size + 1), f"query: {name(query_labels[row])}", fill=(0, 0, 0))
+        for rank in range(k):
+            match = result_labels[row, rank] == query_labels[row]
+            left = tile_size + gap + rank * (tile_size + 2)
+            tile = _tile(result_images[row][rank], tile_size,
+                         MATCH_COLOR if match else MISMATCH_COLOR, border)
+            canvas.paste(tile, (left, top))
+            draw.text((left + 2, top + tile_size + 1), f"{rank + 1}: {name(result_labels[row, rank])}",
+                      fill=MATCH_COLOR if match else MISMATCH_COLOR)
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    handle, temporary = tempfile.mkstemp(suffix=".png", dir=os.path.dirname(os.path.abspath(path)))
+    os.close(handle)
+    try:
+        canvas.save(temporary, format="PNG")
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+    return path
