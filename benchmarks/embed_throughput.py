@@ -2,7 +2,7 @@
 
     python benchmarks/embed_throughput.py                    # cpu preset, the full run (~15 min, 2 cores)
     python benchmarks/embed_throughput.py --recall=false     # throughput only
-    python benchmarks/embed_throughput.py --preset=paper --recall=false --jit_compile=false \
+    python benchmarks/embed_throughput.py --preset=paper --recall=false --jit=false \
         --num_images=256 --classes_per_batch=6 --train_steps=3 --repeats=3   # ResNet50 at 224
 
 In one run, for every precision policy (float32, mixed_bfloat16):
@@ -77,8 +77,8 @@ _PER_CLASS = flags.DEFINE_integer("per_class", None,
                                   "k, images per class per training batch (default: preset's).")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs per figure (the median is reported).")
 _PRECISIONS = flags.DEFINE_list("precisions", list(PRECISIONS), "Keras dtype policies to compare.")
-_JIT = flags.DEFINE_list("jit_compile", ["false", "true"],
-                         "`model.compile(jit_compile=...)` values for the train step.")
+_JIT = flags.DEFINE_bool("jit", True, "Also time the train step with "
+                         "`model.compile(jit_compile=True)` (on one in-memory batch).")
 _TRAIN = flags.DEFINE_bool("train", True, "Measure training throughput.")
 _RECALL = flags.DEFINE_bool("recall", True, "Train twice (float32, mixed_bfloat16) and compare "
                             "test Recall@1 (takes minutes).")
@@ -164,50 +164,62 @@ def _cycled(examples, num_items: int):
 
 # --- The three measurements -------------------------------------------------------------------
 
-def measure_embedding(examples, *, preset: str, precision: str, batch_size: int, image_size: int,
+def _round_robin(runs: dict, repeats: int) -> dict:
+    """Times every run `repeats` times, interleaved, after one untimed warm-up run of each."""
+    for run in runs.values():
+        run()
+    timings = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            timings[name].append(_timed(run))
+    return timings
+
+
+def _embed_function(model):
+    # What embed_examples does: one traced function, shape-relaxed for the last partial batch.
+    return tf.function(lambda images: model(images, training=False), reduce_retracing=True)
+
+
+def _embed_all(embed, batches):
+    def run():
+        for images in batches:
+            np.asarray(embed(images))
+    return run
+
+
+def measure_embedding(examples, *, preset: str, precisions, batch_size: int, image_size: int,
                       resize_size: int, repeats: int, seed: int) -> dict:
-    """Images/s: pipeline + model, model alone on in-memory batches, and the pipeline alone."""
-    keras.backend.clear_session()
-    keras.utils.set_random_seed(seed)
-    with _policy(precision):
-        model = Embedder.from_preset(preset, weights=None)
+    """Images/s of the eval pipeline + model, the model on in-memory batches, the pipeline alone."""
+    build_seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dataset = make_dataset(examples, training=False, batch_size=batch_size,
+                               image_size=image_size, resize_size=resize_size, with_labels=False)
+        build_seconds.append(time.perf_counter() - start)
+    batches = list(dataset)  # decoded, resized and cropped, in memory: the model-only input
 
-        def build():
-            return make_dataset(examples, training=False, batch_size=batch_size,
-                                image_size=image_size, resize_size=resize_size, with_labels=False)
+    def pipeline_only():
+        for _ in dataset:
+            pass
 
-        # The same function embed_examples uses: one trace per batch shape.
-        embed = tf.function(lambda images: model(images, training=False), reduce_retracing=True)
-        build_seconds = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            dataset = build()
-            build_seconds.append(time.perf_counter() - start)
-        batches = [images for images in dataset]  # decoded, resized, cropped: in memory
+    runs = {}
+    for precision in precisions:
+        keras.utils.set_random_seed(seed)
+        with _policy(precision):
+            embed = _embed_function(Embedder.from_preset(preset, weights=None))
+        runs[precision, "model_only"] = _embed_all(embed, batches)
+        runs[precision, "pipeline_and_model"] = _embed_all(embed, dataset)
+    runs[None, "pipeline_only"] = pipeline_only
+    timings = _round_robin(runs, repeats)
 
-        def model_only():
-            for images in batches:
-                np.asarray(embed(images))
-
-        def pipeline_and_model():
-            for images in dataset:
-                np.asarray(embed(images))
-
-        def pipeline_only():
-            for images in dataset:
-                pass
-
-        variants = {"model_only": model_only, "pipeline_and_model": pipeline_and_model,
-                    "pipeline_only": pipeline_only}
-        for run in variants.values():  # warm-up: tracing, tf.data thread pools, oneDNN kernels
-            run()
-        timings = {name: [] for name in variants}
-        for _ in range(repeats):
-            for name, run in variants.items():
-                timings[name].append(_timed(run))
-    result = {name: _summary(runs, len(examples), "images/s") for name, runs in timings.items()}
-    result["overhead"] = 1 - result["pipeline_and_model"]["median"] / result["model_only"]["median"]
-    result["make_dataset_seconds"] = statistics.median(build_seconds)
+    result = {"make_dataset_seconds": statistics.median(build_seconds),
+              "pipeline_only": _summary(timings[None, "pipeline_only"], len(examples), "images/s")}
+    for precision in precisions:
+        figures = {variant: _summary(timings[precision, variant], len(examples), "images/s")
+                   for variant in ("model_only", "pipeline_and_model")}
+        figures["overhead"] = (1 - figures["pipeline_and_model"]["median"]
+                               / figures["model_only"]["median"])
+        result[precision] = figures
     return result
 
 
@@ -228,47 +240,76 @@ class EpochTimer(keras.callbacks.Callback):
         self.timings.append(Timing(seconds, max(others, 0.0)))
 
 
-def measure_training(train, *, preset: str, precision: str, jit_compile: bool, feed: str,
-                     steps: int, repeats: int, image_size: int, resize_size: int,
-                     num_classes_per_batch: int, num_per_class: int, learning_rate: float,
-                     seed: int) -> dict:
-    """Train steps/s of `model.fit` fed by the real training pipeline or one in-memory batch."""
-    keras.backend.clear_session()
-    keras.utils.set_random_seed(seed)
-    with _policy(precision):
+def measure_training(train, *, preset: str, precisions, jit: bool, steps: int, repeats: int,
+                     image_size: int, resize_size: int, num_classes_per_batch: int,
+                     num_per_class: int, learning_rate: float, seed: int) -> dict:
+    """Train steps/s of `model.fit` on the sampler-driven pipeline and on one in-memory batch.
+
+    Every (precision, jit_compile, feed) gets its own model, compiled as `train_embedder` does
+    (plus jit_compile), and one `fit` of 1 + repeats epochs of `steps` steps: the dataset
+    iterator lives across epochs as in `train_embedder`, the first epoch (tracing, XLA
+    compilation, iterator start) is not timed, each further epoch is one timed run. The two feeds
+    of a precision run back to back so that they see similar background load.
+    """
+    def training_dataset():
         sampler = make_sampler(train, num_classes_per_batch=num_classes_per_batch,
                                num_per_class=num_per_class, seed=seed)
-        dataset = make_dataset(train, training=True, sampler=sampler, image_size=image_size,
-                               resize_size=resize_size, seed=seed)
-        if feed == "in_memory":
-            dataset = tf.data.Dataset.from_tensors(next(iter(dataset))).repeat()
-        model = Embedder.from_preset(preset, weights=None)
-        model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=MultiSimilarity(),
-                      jit_compile=jit_compile)
-        timer = EpochTimer()
-        model.fit(dataset, epochs=1 + repeats, steps_per_epoch=steps, callbacks=[timer],
-                  verbose=0, shuffle=False)
-    result = _summary(timer.timings[1:], steps, "steps/s")
-    result["warmup_epoch_seconds"] = timer.timings[0].seconds
-    result["batch_size"] = sampler.batch_size
-    return result
+        return make_dataset(train, training=True, sampler=sampler, image_size=image_size,
+                            resize_size=resize_size, seed=seed)
 
+    first_batch = next(iter(training_dataset()))
+    configs = [(precision, False, feed) for precision in precisions
+               for feed in ("in_memory", "pipeline")]
+    if jit:
+        configs += [(precision, True, "in_memory") for precision in precisions]
+    result = {"batch_size": num_classes_per_batch * num_per_class}
+    for precision, jit_compile, feed in configs:
+        keras.utils.set_random_seed(seed)
+        dataset = (training_dataset() if feed == "pipeline"
+                   else tf.data.Dataset.from_tensors(first_batch).repeat())
+        timer, model = EpochTimer(), None
+        try:
+            with _policy(precision):
+                model = Embedder.from_preset(preset, weights=None)
+                model.compile(optimizer=keras.optimizers.Adam(learning_rate),
+                              loss=MultiSimilarity(), jit_compile=jit_compile)
+                model.fit(dataset, epochs=1 + repeats, steps_per_epoch=steps, callbacks=[timer],
+                          verbose=0, shuffle=False)
+            figure = {**_summary(timer.timings[1:], steps, "steps/s"),
+                      "warmup_epoch_seconds": timer.timings[0].seconds}
+            message = (f"{figure['median']:.2f} steps/s, first epoch "
+                       f"{figure['warmup_epoch_seconds']:.1f} s, others up to "
+                       f"{figure['others_cores']:.2f} cores")
+        except Exception as error:  # noqa: BLE001 - e.g. XLA failing: report it, keep measuring
+            figure = {"error": f"{type(error).__name__}: {error}"[:500]}
+            message = figure["error"]
+        jit_key = f"jit_compile={jit_compile}"
+        result.setdefault(jit_key, {}).setdefault(precision, {})[feed] = figure
+        print(f"  train {precision} {jit_key} {feed}: {message} ({_load()})", flush=True)
+        del model
+        keras.backend.clear_session()
+    for precision in precisions:
+        figures = result["jit_compile=False"][precision]
+        if "error" not in figures["in_memory"] and "error" not in figures["pipeline"]:
+            figures["overhead"] = 1 - figures["pipeline"]["median"] / figures["in_memory"]["median"]
 
-def measure_training_input(train, *, steps: int, repeats: int, image_size: int, resize_size: int,
-                           num_classes_per_batch: int, num_per_class: int, seed: int) -> dict:
-    """Batches/s of the sampler-driven training pipeline alone (no model)."""
-    sampler = make_sampler(train, num_classes_per_batch=num_classes_per_batch,
-                           num_per_class=num_per_class, seed=seed)
-    dataset = make_dataset(train, training=True, sampler=sampler, image_size=image_size,
-                           resize_size=resize_size, seed=seed)
-    iterator = iter(dataset)
-    next(iterator)
+    # The input pipeline alone: one iterator (as fit keeps one), its start timed apart.
+    dataset = training_dataset()
+    starts = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        iterator = iter(dataset)
+        next(iterator)
+        starts.append(time.perf_counter() - start)
 
-    def run():
+    def next_batches():
         for _ in range(steps):
             next(iterator)
 
-    return _summary([_timed(run) for _ in range(repeats)], steps, "batches/s")
+    timings = [_timed(next_batches) for _ in range(repeats)]
+    result["pipeline_only"] = {**_summary(timings, steps, "batches/s"),
+                               "first_batch_seconds": statistics.median(starts)}
+    return result
 
 
 def measure_recall(splits, *, preset: str, precisions, seeds, epochs: int, steps_per_epoch: int):
@@ -342,26 +383,55 @@ def throughput_table(results: dict, precisions) -> str:
     def row(name, cells, speedup=""):
         lines.append(f"| {name} | " + " | ".join(cells) + (f" | {speedup}" if other else "") + " |")
 
+    def same(figure, digits):
+        return [_cell(figure, digits)] + ["(no model)"] * (len(precisions) - 1)
+
     embedding = results["embedding"]
-    for key, name in (("model_only", "embed: model alone, in-memory batches (images/s)"),
-                      ("pipeline_and_model", "embed: make_dataset + model (images/s)"),
-                      ("pipeline_only", "embed: make_dataset alone (images/s)")):
+    for key, name in (("model_only", "embed: model alone, batches in memory (images/s)"),
+                      ("pipeline_and_model", "embed: make_dataset → model (images/s)")):
         figures = [embedding[p][key] for p in precisions]
         row(name, [_cell(f) for f in figures], _ratio(figures[-1], figures[0]))
     row("**embed: pipeline overhead**", [_percent(embedding[p]["overhead"]) for p in precisions])
-    for jit_key, training in results.get("training", {}).items():
-        for feed, name in (("in_memory", "one in-memory batch"),
-                           ("pipeline", "sampler + make_dataset")):
-            figures = [training[p].get(feed) for p in precisions]
-            row(f"train {jit_key}: {name} (steps/s)", [_cell(f, 2) for f in figures],
-                _ratio(figures[-1], figures[0]))
-        row(f"**train {jit_key}: pipeline overhead**",
-            [_percent(training[p].get("overhead")) for p in precisions])
-    if "training_input" in results:
-        figure = results["training_input"]
-        row("train: sampler + make_dataset alone (batches/s)",
-            [_cell(figure)] + ["(same)"] * (len(precisions) - 1))
+    row("embed: make_dataset alone (images/s)", same(embedding["pipeline_only"], 0))
+    training = results.get("training")
+    if training:
+        plain = training["jit_compile=False"]
+        for feed, name in (("in_memory", "train: one batch in memory (steps/s)"),
+                           ("pipeline", "train: sampler → make_dataset (steps/s)")):
+            figures = [plain[p][feed] for p in precisions]
+            row(name, [_cell(f, 2) for f in figures], _ratio(figures[-1], figures[0]))
+        row("**train: pipeline overhead**", [_percent(plain[p].get("overhead")) for p in precisions])
+        row("train: sampler → make_dataset alone, running iterator (batches/s)",
+            same(training["pipeline_only"], 0))
+        row("train: new iterator to first batch (ms)",
+            [f"{1000 * training['pipeline_only']['first_batch_seconds']:.0f}"]
+            + ["(no model)"] * (len(precisions) - 1))
+        if "jit_compile=True" in training:
+            figures = [training["jit_compile=True"][p]["in_memory"] for p in precisions]
+            row("train, jit_compile=True: one batch in memory (steps/s)",
+                [_cell(f, 2) for f in figures], _ratio(figures[-1], figures[0]))
+            row("train: jit_compile=True / False (one batch in memory)",
+                [_ratio(figure, plain[p]["in_memory"]) for figure, p in zip(figures, precisions)])
+            row("train: first (untimed) epoch, jit_compile False → True (s)",
+                [f"{plain[p]['in_memory'].get('warmup_epoch_seconds', float('nan')):.0f} → "
+                 f"{figure.get('warmup_epoch_seconds', float('nan')):.0f}"
+                 for figure, p in zip(figures, precisions)])
     return "\n".join(lines)
+
+
+def _others(results: dict) -> float:
+    """The most cores other processes used during any timed run."""
+    found = []
+
+    def walk(value):
+        if isinstance(value, dict):
+            if "others_cores" in value:
+                found.append(value["others_cores"])
+            for item in value.values():
+                walk(item)
+
+    walk({key: results.get(key) for key in ("embedding", "training")})
+    return max(found, default=float("nan"))
 
 
 def recall_table(runs) -> str:
@@ -402,7 +472,6 @@ def main(argv) -> None:
     num_classes_per_batch = _CLASSES.value or schedule["num_classes_per_batch"]
     num_per_class = _PER_CLASS.value or schedule["num_per_class"]
     precisions = list(_PRECISIONS.value)
-    jit_values = [value.lower() in ("true", "1", "yes") for value in _JIT.value]
     repeats = _REPEATS.value
     print(f"preset={preset}: image_size={image_size}, resize_size={resize_size}; embedding "
           f"{num_images} images in batches of {batch_size}; training batches of "
@@ -412,56 +481,32 @@ def main(argv) -> None:
     results = {"environment": env, "preset": preset, "flags": {
         "num_images": num_images, "batch_size": batch_size, "train_steps": train_steps,
         "classes_per_batch": num_classes_per_batch, "per_class": num_per_class,
-        "repeats": repeats, "precisions": precisions, "jit_compile": jit_values,
+        "repeats": repeats, "precisions": precisions, "jit": _JIT.value,
         "seed": _SEED.value, "data": _DATA.value or ["sample"]}}
 
     examples = _cycled(splits["train"], num_images)
-    results["embedding"] = {}
+    embedding = measure_embedding(examples, preset=preset, precisions=precisions,
+                                  batch_size=batch_size, image_size=image_size,
+                                  resize_size=resize_size, repeats=repeats, seed=_SEED.value)
+    results["embedding"] = embedding
     for precision in precisions:
-        figure = measure_embedding(examples, preset=preset, precision=precision,
-                                   batch_size=batch_size, image_size=image_size,
-                                   resize_size=resize_size, repeats=repeats, seed=_SEED.value)
-        results["embedding"][precision] = figure
-        print(f"  embed {precision}: model alone {figure['model_only']['median']:.1f}, "
-              f"pipeline + model {figure['pipeline_and_model']['median']:.1f}, pipeline alone "
-              f"{figure['pipeline_only']['median']:.1f} images/s; overhead "
-              f"{_percent(figure['overhead'])}; others used up to "
-              f"{max(figure[k]['others_cores'] for k in ('model_only', 'pipeline_and_model')):.2f}"
-              f" cores ({_load()})", flush=True)
+        figures = embedding[precision]
+        print(f"  embed {precision}: model alone {figures['model_only']['median']:.1f}, "
+              f"make_dataset → model {figures['pipeline_and_model']['median']:.1f} images/s, "
+              f"overhead {_percent(figures['overhead'])}", flush=True)
+    print(f"  embed: make_dataset alone {embedding['pipeline_only']['median']:.0f} images/s, "
+          f"built in {1000 * embedding['make_dataset_seconds']:.0f} ms ({_load()})", flush=True)
 
     if _TRAIN.value:
-        train_arguments = dict(image_size=image_size, resize_size=resize_size,
-                               num_classes_per_batch=num_classes_per_batch,
-                               num_per_class=num_per_class, seed=_SEED.value)
-        results["training_input"] = measure_training_input(
-            splits["train"], steps=train_steps, repeats=repeats, **train_arguments)
-        results["training"] = {}
-        for jit_compile in jit_values:
-            jit_key = f"jit_compile={jit_compile}"
-            results["training"][jit_key] = {}
-            for precision in precisions:
-                figures = {}
-                # Feeds interleaved per precision so that both see the same background load.
-                for feed in ("in_memory", "pipeline"):
-                    try:
-                        figures[feed] = measure_training(
-                            splits["train"], preset=preset, precision=precision,
-                            jit_compile=jit_compile, feed=feed, steps=train_steps,
-                            repeats=repeats, learning_rate=schedule["learning_rate"],
-                            **train_arguments)
-                    except Exception as error:  # noqa: BLE001 - report, keep measuring
-                        figures[feed] = {"error": f"{type(error).__name__}: {error}"[:500]}
-                    figure = figures[feed]
-                    print(f"  train {jit_key} {precision} {feed}: "
-                          + (f"{figure['median']:.2f} steps/s (warm-up epoch "
-                             f"{figure['warmup_epoch_seconds']:.1f} s, others up to "
-                             f"{figure['others_cores']:.2f} cores)" if "error" not in figure
-                             else figure["error"]) + f" ({_load()})", flush=True)
-                if all("error" not in figure for figure in figures.values()):
-                    figures["overhead"] = 1 - figures["pipeline"]["median"] / figures["in_memory"]["median"]
-                results["training"][jit_key][precision] = figures
+        results["training"] = measure_training(
+            splits["train"], preset=preset, precisions=precisions, jit=_JIT.value,
+            steps=train_steps, repeats=repeats, image_size=image_size, resize_size=resize_size,
+            num_classes_per_batch=num_classes_per_batch, num_per_class=num_per_class,
+            learning_rate=schedule["learning_rate"], seed=_SEED.value)
+        print(f"  training measured ({_load()})", flush=True)
 
-    print(f"\nThroughput, preset={preset} (median [min–max] of {repeats} runs):\n")
+    print(f"\nThroughput, preset={preset} (median [min–max] of {repeats} runs; other processes "
+          f"used up to {_others(results):.2f} cores during a run):\n")
     table = throughput_table(results, precisions)
     print(table)
     results["table"] = table

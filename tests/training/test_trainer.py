@@ -78,19 +78,26 @@ def test_training_lowers_the_loss_and_resumes_after_a_crash(xray, tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["preset"] == "tiny"
 
 
-def test_several_sources_get_source_specific_batches(xray):
-    train, _ = xray
-    from tfmir.data import concatenate, load_medmnist_npz  # noqa: F401
+def test_sampling_choice_for_several_sources(shared_data_dir):
+    from tfmir.data import concatenate
 
-    sources = np.where(np.arange(len(train)) % 2 == 0, "a", "b")
-    import dataclasses
-
-    mixed = dataclasses.replace(train, sources=sources)
-    sampler = make_sampler(mixed, num_classes_per_batch=2, num_per_class=5)
-    batch = next(iter(sampler))
-    assert len(set(sources[batch])) == 1
-    single = make_sampler(train, num_classes_per_batch=2, num_per_class=5)
-    assert not hasattr(single, "source_probabilities")
+    retina = load_medmnist_npz(shared_data_dir / "retinamnist" / "retinamnist.npz", source="retina")
+    xray = load_medmnist_npz(shared_data_dir / "pneumoniamnist" / "pneumoniamnist.npz",
+                             source="xray")
+    both = concatenate([retina["train"], xray["train"]])
+    by_source = make_sampler(both, num_classes_per_batch=3, num_per_class=5, sampling="source")
+    by_class = make_sampler(both, num_classes_per_batch=7, num_per_class=5, sampling="class")
+    batches = iter(by_source)
+    seen = set()
+    for batch in [next(batches) for _ in range(40)]:
+        assert len(set(both.sources[batch])) == 1
+        seen |= set(both.sources[batch])
+    assert seen == {"retina", "xray"}
+    mixed = next(iter(by_class))  # all 7 classes of both sources, 5 images each
+    assert sorted(np.unique(both.labels[mixed], return_counts=True)[1]) == [5] * 7
+    assert set(both.sources[mixed]) == {"retina", "xray"}
+    with pytest.raises(ValueError, match="Received: sampling='random'"):
+        make_sampler(both, num_classes_per_batch=3, num_per_class=5, sampling="random")
 
 
 @pytest.mark.parametrize("name", ["default", "one_device", "mirrored"])

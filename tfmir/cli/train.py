@@ -32,6 +32,9 @@ _PER_CLASS = flags.DEFINE_integer("per_class", None, "k: images per class per ba
 _SOURCE_WEIGHTS = flags.DEFINE_string(
     "source_weights", "size", "With several sources: pick a batch's source by `size`, `uniform`, "
     "or weights such as `retina:1,xray:2`.")
+_SAMPLING = flags.DEFINE_enum(
+    "sampling", "source", ["source", "class"], "With several sources: `source` gives every batch "
+    "one source (paper 000's source-specific sampling); `class` lets a batch mix sources.")
 _BACKBONE = flags.DEFINE_string("backbone", None, "Backbone override (resnet50, small_resnet, ...).")
 _WEIGHTS = flags.DEFINE_string("weights", None, "Backbone weights: none, imagenet or a file path.")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", None, "Input side override.")
@@ -86,7 +89,8 @@ def main(argv) -> None:
         splits["train"], splits["val"], workdir=_WORKDIR.value, preset=_PRESET.value,
         epochs=_EPOCHS.value, steps_per_epoch=_STEPS.value, learning_rate=_LEARNING_RATE.value,
         num_classes_per_batch=_CLASSES.value, num_per_class=_PER_CLASS.value,
-        source_weights=parse_source_weights(_SOURCE_WEIGHTS.value), strategy=_STRATEGY.value,
+        source_weights=parse_source_weights(_SOURCE_WEIGHTS.value), sampling=_SAMPLING.value,
+        strategy=_STRATEGY.value,
         mixed_precision=_MIXED.value, seed=_SEED.value, model_overrides=model_overrides())
     best = keras.saving.load_model(result.best_path) if result.best_path.exists() else result.model
     test = evaluate_retrieval(best, splits["test"], resize_size=result.resize_size)

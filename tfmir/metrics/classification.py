@@ -1,10 +1,9 @@
 """kNN classification on embeddings and its metrics: accuracy, MCR, RS."""
 
-import numbers
-
 import numpy as np
 
 from tfmir.index.exact import exact_search
+from tfmir.metrics.retrieval import _as_label_vector, _is_int
 
 # Bounds the (rows, k, k) comparison tensor of knn_predict to ~16M booleans.
 _MAX_VOTE_ELEMENTS = 1 << 24
@@ -181,17 +180,3 @@ def knn_classification(
     predictions = knn_predict(train_labels[indices], k)
     return classification_metrics(test_labels, predictions, smallest_class=smallest_class)
 
-
-def _as_label_vector(labels, name):
-    labels = np.asarray(labels)
-    if labels.ndim == 2 and labels.shape[1] == 1:
-        labels = labels[:, 0]
-    if labels.ndim != 1:
-        raise ValueError(
-            f"{name} must have shape (N,) or (N, 1). Received: {name}.shape={labels.shape}"
-        )
-    return labels
-
-
-def _is_int(value):
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)

@@ -53,19 +53,22 @@ def _residual_block(x, filters: int, stride: int, name: str):
     return keras.layers.ReLU(name=f"{name}_out")(y)
 
 
-def small_resnet(image_size: int, widths=(32, 64, 128, 256), stem_stride: int = 2,
+def small_resnet(image_size: int, widths=(32, 64, 128, 256), stem_stride: int | None = None,
                  name: str = "small_resnet") -> keras.Model:
     """A compact ResNet (one basic block per stage) that trains from scratch on a CPU.
 
     Args:
         image_size: height and width of the square input.
         widths: channels per stage; every stage after the first halves the resolution.
-        stem_stride: stride of the 3×3 stem convolution.
+        stem_stride: stride of the 3×3 stem convolution (default: 2 from 64 pixels up, else 1,
+            so MedMNIST-size inputs keep their resolution).
         name: model name.
 
     Returns:
         A `keras.Model` mapping (B, S, S, 3) pixels in [0, 255] to (B, widths[-1]) features.
     """
+    if stem_stride is None:
+        stem_stride = 2 if image_size >= 64 else 1
     inputs = keras.Input((image_size, image_size, 3), name="pixels")
     x = keras.layers.Rescaling(1.0 / 127.5, offset=-1.0, name="rescale")(inputs)
     x = keras.layers.Conv2D(widths[0], 3, strides=stem_stride, padding="same", use_bias=False,
@@ -74,7 +77,11 @@ def small_resnet(image_size: int, widths=(32, 64, 128, 256), stem_stride: int = 
     x = keras.layers.ReLU(name="stem_relu")(x)
     for index, filters in enumerate(widths):
         x = _residual_block(x, filters, stride=1 if index == 0 else 2, name=f"stage{index + 1}")
-    outputs = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    # Centre the pooled features: after ReLU and pooling they share a large common component
+    # that leaves an untrained embedder with near-identical embeddings (cosine ~ 1), a point
+    # Multi-Similarity cannot leave (the gradient of a cosine vanishes between equal vectors).
+    outputs = keras.layers.BatchNormalization(name="pool_norm")(x)
     return keras.Model(inputs, outputs, name=name)
 
 

@@ -3,7 +3,7 @@
 from tfmir.training.callbacks import RetrievalEvaluation
 from tfmir.training.evaluation import embed_examples, evaluate_retrieval
 from tfmir.training.strategy import STRATEGIES, make_strategy
-from tfmir.training.trainer import TrainingResult, make_sampler, read_log, train_embedder
+from tfmir.training.trainer import SAMPLINGS, TrainingResult, make_sampler, read_log, train_embedder
 
-__all__ = ["RetrievalEvaluation", "STRATEGIES", "TrainingResult", "embed_examples",
+__all__ = ["RetrievalEvaluation", "SAMPLINGS", "STRATEGIES", "TrainingResult", "embed_examples",
            "evaluate_retrieval", "make_sampler", "make_strategy", "read_log", "train_embedder"]

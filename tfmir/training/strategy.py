@@ -21,6 +21,10 @@ def make_strategy(name: str = "auto") -> tf.distribute.Strategy:
     """
     if name not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}. Received: strategy={name!r}")
+    if name == "multi_worker":
+        # Before anything touches the runtime (listing devices does): collectives are
+        # configured when the eager context starts.
+        return tf.distribute.MultiWorkerMirroredStrategy()
     gpus = tf.config.list_logical_devices("GPU")
     if name == "auto":
         name = "mirrored" if gpus else "default"
@@ -28,6 +32,4 @@ def make_strategy(name: str = "auto") -> tf.distribute.Strategy:
         return tf.distribute.get_strategy()
     if name == "one_device":
         return tf.distribute.OneDeviceStrategy("/gpu:0" if gpus else "/cpu:0")
-    if name == "mirrored":
-        return tf.distribute.MirroredStrategy()
-    return tf.distribute.MultiWorkerMirroredStrategy()
+    return tf.distribute.MirroredStrategy()

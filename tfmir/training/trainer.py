@@ -46,10 +46,29 @@ class TrainingResult:
     resize_size: int
 
 
+SAMPLINGS = ("source", "class")
+
+
 def make_sampler(examples: Examples, *, num_classes_per_batch: int, num_per_class: int,
-                 source_weights="size", seed: int = 0):
-    """Class-balanced batches, or source-specific ones when `examples` has several sources."""
-    if len(examples.source_names) > 1:
+                 source_weights="size", sampling: str = "source", seed: int = 0):
+    """The batch sampler for `examples`.
+
+    Args:
+        examples: the training split.
+        num_classes_per_batch: c.
+        num_per_class: k.
+        source_weights: with `sampling="source"`: "size", "uniform" or {source: weight}.
+        sampling: "source": with several sources every batch comes from one source (paper 000's
+            source-specific sampling); "class": c classes drawn from all sources' classes, so a
+            batch may mix sources. A single source gets class-balanced batches either way.
+        seed: sampling seed.
+
+    Returns:
+        A `ClassBalancedSampler` or `SourceAwareSampler`.
+    """
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"sampling must be one of {SAMPLINGS}. Received: sampling={sampling!r}")
+    if sampling == "source" and len(examples.source_names) > 1:
         return SourceAwareSampler(examples.labels, examples.sources,
                                   num_classes_per_batch=num_classes_per_batch,
                                   num_per_class=num_per_class, source_weights=source_weights,
@@ -89,7 +108,8 @@ def train_embedder(train: Examples, val: Examples | None, *, workdir: os.PathLik
                    preset: str = "cpu", epochs: int | None = None,
                    steps_per_epoch: int | None = None, learning_rate: float | None = None,
                    num_classes_per_batch: int | None = None, num_per_class: int | None = None,
-                   source_weights="size", strategy: str = "auto", mixed_precision: bool = False,
+                   source_weights="size", sampling: str = "source", strategy: str = "auto",
+                   mixed_precision: bool = False,
                    seed: int = 0, model_overrides: dict | None = None, eval_ks=(1, 2, 4, 8),
                    verbose: int = 1, callbacks=()) -> TrainingResult:
     """Trains an `Embedder` with the Multi-Similarity loss (paper 000's specialist).
@@ -111,6 +131,8 @@ def train_embedder(train: Examples, val: Examples | None, *, workdir: os.PathLik
         num_per_class: k, images per class in a batch.
         source_weights: how a source is chosen per batch with several sources: "size",
             "uniform" or {source: weight}.
+        sampling: "source" (one source per batch) or "class" (batches may mix sources); see
+            `make_sampler`.
         strategy: a `tfmir.training.strategy.STRATEGIES` name.
         mixed_precision: train under the "mixed_bfloat16" policy.
         seed: seeds weights, sampling and augmentation.
@@ -146,10 +168,12 @@ def train_embedder(train: Examples, val: Examples | None, *, workdir: os.PathLik
         "preset": preset, "model": model_config, "resize_size": resize_size, "epochs": epochs,
         "steps_per_epoch": steps_per_epoch, "learning_rate": learning_rate,
         "num_classes_per_batch": num_classes_per_batch, "num_per_class": num_per_class,
-        "source_weights": source_weights, "strategy": strategy,
+        "source_weights": source_weights, "sampling": sampling, "strategy": strategy,
         "mixed_precision": mixed_precision, "seed": seed,
     }, indent=2, default=str))
 
+    # First, before any TensorFlow op runs: multi-worker collectives are configured at startup.
+    distribution = make_strategy(strategy)
     keras.utils.set_random_seed(seed)
     previous_policy = keras.mixed_precision.global_policy()
     if mixed_precision:
@@ -158,11 +182,10 @@ def train_embedder(train: Examples, val: Examples | None, *, workdir: os.PathLik
         # A resumed run draws new batches rather than replaying the epochs it already saw.
         sampler = make_sampler(train, num_classes_per_batch=num_classes_per_batch,
                                num_per_class=num_per_class, source_weights=source_weights,
-                               seed=seed + initial_epoch)
+                               sampling=sampling, seed=seed + initial_epoch)
         dataset = _sharded(make_dataset(train, training=True, sampler=sampler,
                                         image_size=model_config["image_size"],
                                         resize_size=resize_size, seed=seed))
-        distribution = make_strategy(strategy)
         with distribution.scope():
             model = Embedder(**model_config)
             model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=MultiSimilarity())
