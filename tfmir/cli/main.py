@@ -8,6 +8,7 @@ import sys
 COMMANDS = {
     "demo": ("tfmir.cli.demo", "train the cpu preset on the shipped sample and show what it retrieves"),
     "train": ("tfmir.cli.train", "train a retrieval embedder (Multi-Similarity), resumable"),
+    "export": ("tfmir.cli.export", "write a trained embedder as a SavedModel for TF Serving"),
 }
 
 

@@ -1,0 +1,362 @@
+"""SavedModel export of an embedder, ready for TF Serving and for plain `tf.saved_model.load`.
+
+The export holds two signatures built from core TensorFlow ops only (no `tf.py_function`, no
+Keras), so stock TF Serving loads it unchanged and a consumer needs neither tfmir nor Keras:
+
+- `serving_default(images)`: a batch of encoded JPEG or PNG files (tf.string, shape [None]) ->
+  `{"embedding": float32 [None, D]}`. Each image is checked (empty bytes, unknown format, more
+  than `max_image_pixels` pixels according to its header), decoded with
+  `tfmir.data.decode_image` (grayscale and 16-bit PNGs included) and preprocessed exactly as in
+  evaluation (`preprocess_image(training=False)`: resize, central crop).
+- `embed_pixels(pixels)`: float32 pixels in [0, 255], shape [None, None, None, 3] (one batch of
+  equally sized RGB images) -> the same preprocessing -> `{"embedding"}`.
+
+Layout: TF Serving watches `<base>/<version>/saved_model.pb`; `export_saved_model` writes one
+version directory atomically and records what it exported in
+`<version>/assets.extra/export_info.json` (TF Serving ignores `assets.extra/`).
+
+Example:
+
+```python
+export_saved_model(model, "exported/tfmir/1", resize_size=72)
+
+# Anywhere, with TensorFlow only:
+serve = tf.saved_model.load("exported/tfmir/1").signatures["serving_default"]
+embedding = serve(images=tf.constant([open("query.png", "rb").read()]))["embedding"]
+```
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import tfmir
+from tfmir.data.pipeline import decode_image, preprocess_image
+
+SERVING_SIGNATURE = "serving_default"
+PIXELS_SIGNATURE = "embed_pixels"
+OUTPUT_KEY = "embedding"
+EXPORT_INFO_DIR = "assets.extra"
+EXPORT_INFO_FILE = "export_info.json"
+EXPORT_FORMAT_VERSION = 1
+DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_JPEG_SIGNATURE = b"\xff\xd8\xff"
+# PNG: 8-byte signature, then the IHDR chunk: length (4), "IHDR" (4), width (4), height (4), the
+# other 5 header bytes and a CRC (4). Width and height are big-endian unsigned 32-bit integers.
+_IHDR_TYPE_OFFSET = 12
+_IHDR_SIZE_OFFSET = 16
+_PNG_MIN_LENGTH = 33
+
+
+def model_fingerprint(model) -> str:
+    """A sha256 hex digest of a model's configuration and weights.
+
+    The same configuration and weight values always give the same fingerprint (in any process);
+    any change to a weight gives another. Weights are hashed in `model.weights` order (fixed by the
+    architecture) with their shapes and dtypes; variable names are left out because Keras may
+    number them differently from one process to the next.
+
+    Args:
+        model: a built `keras.Model` with a `get_config()`.
+
+    Returns:
+        64 hexadecimal characters.
+
+    Example:
+
+    ```python
+    assert model_fingerprint(model) == model_fingerprint(keras.saving.load_model(path))
+    ```
+    """
+    digest = hashlib.sha256()
+    config = {"class": type(model).__name__, "config": model.get_config()}
+    digest.update(json.dumps(config, sort_keys=True, default=str).encode("utf-8"))
+    for weight in model.weights:
+        values = np.ascontiguousarray(keras.ops.convert_to_numpy(weight))
+        digest.update(f"|{values.dtype.str}{values.shape}|".encode("ascii"))
+        digest.update(values.tobytes())
+    return digest.hexdigest()
+
+
+# `export_saved_model` has an argument of the same name.
+_compute_fingerprint = model_fingerprint
+
+
+def _image_shape(encoded: tf.Tensor, max_image_pixels: int) -> tf.Tensor:
+    """Reads (height, width) from a JPEG or PNG header, refusing what must not be decoded.
+
+    Raises InvalidArgumentError (at run time) for empty bytes, bytes that are neither JPEG nor PNG,
+    a truncated PNG header, and images of more than `max_image_pixels` pixels: a decompression
+    bomb is a small file whose header promises a huge image, so only the header is read here.
+    """
+    length = tf.strings.length(encoded)
+    not_empty = tf.debugging.assert_positive(
+        length, message="image bytes are empty (a zero-length string)")
+    with tf.control_dependencies([not_empty]):
+        is_png = tf.equal(tf.strings.substr(encoded, 0, len(_PNG_SIGNATURE)), _PNG_SIGNATURE)
+        is_jpeg = tf.equal(tf.strings.substr(encoded, 0, len(_JPEG_SIGNATURE)), _JPEG_SIGNATURE)
+    known_format = tf.debugging.assert_equal(
+        tf.logical_or(is_png, is_jpeg), True,
+        message="image bytes are neither JPEG nor PNG (unknown file signature)")
+
+    def png_shape():
+        long_enough = tf.debugging.assert_greater_equal(
+            length, _PNG_MIN_LENGTH, message="PNG bytes are truncated before the end of the header")
+        with tf.control_dependencies([long_enough]):
+            has_header = tf.debugging.assert_equal(
+                tf.strings.substr(encoded, _IHDR_TYPE_OFFSET, 4), b"IHDR",
+                message="PNG bytes do not start with an IHDR chunk")
+        with tf.control_dependencies([has_header]):
+            width_height = tf.io.decode_raw(tf.strings.substr(encoded, _IHDR_SIZE_OFFSET, 8),
+                                            tf.int32, little_endian=False)
+        # Sizes of 2**31 and more read as negative int32 values; PNG forbids them anyway.
+        valid = tf.debugging.assert_positive(
+            width_height, message="PNG header gives a zero or out-of-range width or height")
+        with tf.control_dependencies([valid]):
+            return tf.cast(tf.reverse(width_height, axis=[0]), tf.int64)
+
+    def jpeg_shape():
+        return tf.cast(tf.image.extract_jpeg_shape(encoded)[:2], tf.int64)
+
+    with tf.control_dependencies([known_format]):
+        height_width = tf.cond(is_png, png_shape, jpeg_shape)
+    small_enough = tf.debugging.assert_less_equal(
+        height_width[0] * height_width[1], tf.constant(max_image_pixels, tf.int64),
+        message=f"image is larger than max_image_pixels={max_image_pixels} (height × width, read "
+                "from its header; the first value below is the image's pixel count)")
+    with tf.control_dependencies([small_enough]):
+        return tf.identity(height_width)
+
+
+class _ServingModule(tf.Module):
+    """The exported object: the model's variables and the two serving functions.
+
+    Only the variables are tracked, not the Keras model, so nothing Keras-specific (and no
+    optimizer state of a training checkpoint) is written.
+    """
+
+    def __init__(self, model, *, image_size: int, resize_size: int, max_image_pixels: int):
+        super().__init__(name="tfmir_embedder")
+        self.model_variables = list(model.variables)
+        output_spec = tf.TensorSpec([image_size, image_size, 3], tf.float32)
+        embedding_dim = int(model.output_shape[-1])
+
+        def embed(images):
+            def run_model():
+                return tf.cast(model(images, training=False), tf.float32)
+
+            def no_images():
+                return tf.zeros([0, embedding_dim], tf.float32)
+
+            # Some kernels (oneDNN convolution) fail on an empty batch; answer it directly.
+            embeddings = tf.cond(tf.shape(images)[0] > 0, run_model, no_images)
+            return {OUTPUT_KEY: tf.ensure_shape(embeddings, [None, embedding_dim])}
+
+        def one_image(encoded):
+            with tf.control_dependencies([_image_shape(encoded, max_image_pixels)]):
+                # Decoding starts only once the header checks above have passed.
+                encoded = tf.identity(encoded)
+            return preprocess_image(decode_image(encoded), training=False,
+                                    image_size=image_size, resize_size=resize_size)
+
+        # A signature called by name (TF Serving, `loaded.signatures[...]`) checks dtypes but not
+        # shapes; EnsureShape checks them at run time with a clear InvalidArgumentError.
+        def serve_images(images):
+            images = tf.ensure_shape(images, [None])
+            # Images differ in size, so decode and preprocess one at a time, then batch.
+            pixels = tf.map_fn(one_image, images, fn_output_signature=output_spec)
+            return embed(pixels)
+
+        def serve_pixels(pixels):
+            pixels = tf.ensure_shape(pixels, [None, None, None, 3])
+            return embed(preprocess_image(pixels, training=False, image_size=image_size,
+                                          resize_size=resize_size))
+
+        self.serve_images = tf.function(
+            serve_images, input_signature=[tf.TensorSpec([None], tf.string, name="images")])
+        self.embed_pixels = tf.function(
+            serve_pixels,
+            input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32, name="pixels")])
+
+
+def _model_image_size(model) -> int:
+    shape = tuple(model.input_shape)
+    if len(shape) != 4 or shape[1] is None or shape[1] != shape[2] or shape[3] != 3:
+        raise ValueError("model must take square RGB images of shape (batch, S, S, 3). "
+                         f"Received input_shape={shape}")
+    return int(getattr(model, "image_size", None) or shape[1])
+
+
+def _is_replaceable(directory: str) -> bool:
+    """An existing directory may be replaced only if it is empty or holds a SavedModel."""
+    if not os.path.isdir(directory):
+        return False
+    entries = os.listdir(directory)
+    return not entries or "saved_model.pb" in entries
+
+
+def _write_export_info(directory: str, info: dict) -> None:
+    folder = os.path.join(directory, EXPORT_INFO_DIR)
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, EXPORT_INFO_FILE), "w") as stream:
+        json.dump(info, stream, indent=2, sort_keys=True, default=str)
+        stream.write("\n")
+
+
+def _move_into_place(source: str, target: str) -> None:
+    """Renames `source` to `target`; an existing `target` is swapped out, and back on failure."""
+    if not os.path.exists(target):
+        os.rename(source, target)
+        return
+    parent, name = os.path.split(target)
+    previous = os.path.join(parent, f".{name}.previous-{uuid.uuid4().hex[:8]}")
+    os.rename(target, previous)
+    try:
+        os.rename(source, target)
+    except BaseException:
+        os.rename(previous, target)
+        raise
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+def export_saved_model(model, directory, *, resize_size: int,
+                       max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                       model_fingerprint: str | None = None) -> str:
+    """Writes `model` as a SavedModel with image-bytes and float-pixel serving signatures.
+
+    The export is written into a hidden temporary sibling of `directory` and renamed into place,
+    so `directory` is either the complete new export or, after any failure, untouched. An existing
+    `directory` is replaced only if it is empty or holds a SavedModel. For TF Serving, pass a
+    version directory `<base>/<version>` (TF Serving ignores the non-numeric temporary names).
+
+    Args:
+        model: an embedder (`tfmir.models.Embedder` or any Keras model from (B, S, S, 3) pixels in
+            [0, 255] to (B, D) embeddings).
+        directory: the directory to write (created with its parents).
+        resize_size: the side images are resized to before the central crop to the model's input
+            size; use the value the model was trained and evaluated with (`tfmir train` writes it
+            to `config.json` in its workdir).
+        max_image_pixels: images whose header gives more pixels (height × width) are refused
+            before decoding. Decoding takes several bytes of memory per pixel (a 16-bit-capable
+            PNG decode, then float32 for the resize) and `tf.map_fn` decodes up to 10 images of a
+            batch at once, so lower the limit on small servers.
+        model_fingerprint: the model's fingerprint; computed with `model_fingerprint(model)` when
+            None.
+
+    Returns:
+        The absolute path of the export.
+
+    Example:
+
+    ```python
+    model = keras.saving.load_model("runs/sample/best.keras")
+    export_saved_model(model, "exported/tfmir/1", resize_size=72)
+    ```
+    """
+    image_size = _model_image_size(model)
+    if int(resize_size) != resize_size or resize_size < image_size:
+        raise ValueError(f"resize_size must be an integer >= the model's image_size={image_size}. "
+                         f"Received: resize_size={resize_size!r}")
+    if int(max_image_pixels) != max_image_pixels or max_image_pixels < 1:
+        raise ValueError("max_image_pixels must be a positive integer. "
+                         f"Received: max_image_pixels={max_image_pixels!r}")
+    resize_size, max_image_pixels = int(resize_size), int(max_image_pixels)
+    directory = os.path.abspath(os.fspath(directory))
+    if os.path.exists(directory) and not _is_replaceable(directory):
+        raise FileExistsError(f"{directory} exists and is not a SavedModel export; refusing to "
+                              "replace it. Choose another directory.")
+    fingerprint = model_fingerprint or _compute_fingerprint(model)
+    embedding_dim = int(model.output_shape[-1])
+
+    module = _ServingModule(model, image_size=image_size, resize_size=resize_size,
+                            max_image_pixels=max_image_pixels)
+    signatures = {
+        SERVING_SIGNATURE: module.serve_images.get_concrete_function(),
+        PIXELS_SIGNATURE: module.embed_pixels.get_concrete_function(),
+    }
+    info = {
+        "format_version": EXPORT_FORMAT_VERSION,
+        "tfmir_version": tfmir.__version__,
+        "tensorflow_version": tf.__version__,
+        "keras_version": keras.__version__,
+        "model_class": keras.saving.get_registered_name(type(model)),
+        "model_config": model.get_config(),
+        "model_fingerprint": fingerprint,
+        "image_size": image_size,
+        "resize_size": resize_size,
+        "embedding_dim": embedding_dim,
+        "max_image_pixels": max_image_pixels,
+        "signatures": {
+            SERVING_SIGNATURE: {"inputs": {"images": "string [None]"},
+                                "outputs": {OUTPUT_KEY: f"float32 [None, {embedding_dim}]"}},
+            PIXELS_SIGNATURE: {"inputs": {"pixels": "float32 [None, None, None, 3]"},
+                               "outputs": {OUTPUT_KEY: f"float32 [None, {embedding_dim}]"}},
+        },
+    }
+
+    parent, name = os.path.split(directory)
+    os.makedirs(parent, exist_ok=True)
+    # A hidden, non-numeric name: TF Serving never mistakes a half-written export for a version.
+    temporary = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=parent)
+    try:
+        tf.saved_model.save(module, temporary, signatures=signatures)
+        _write_export_info(temporary, info)
+        _move_into_place(temporary, directory)
+    finally:
+        if os.path.exists(temporary):
+            shutil.rmtree(temporary, ignore_errors=True)
+    return directory
+
+
+def resolve_export_directory(directory) -> str:
+    """The directory holding `saved_model.pb`: `directory` itself or its newest numeric version.
+
+    Args:
+        directory: a SavedModel directory, or a TF Serving base directory of `<version>/` folders.
+
+    Returns:
+        The SavedModel directory (for a base directory, the highest version, as TF Serving serves).
+    """
+    directory = os.fspath(directory)
+    if os.path.isfile(os.path.join(directory, "saved_model.pb")):
+        return directory
+    versions = []
+    if os.path.isdir(directory):
+        versions = [int(entry) for entry in os.listdir(directory) if entry.isdigit()
+                    and os.path.isfile(os.path.join(directory, entry, "saved_model.pb"))]
+    if not versions:
+        raise FileNotFoundError(
+            f"No SavedModel in {directory}: expected saved_model.pb there or in a numeric version "
+            "folder (<base>/<version>/saved_model.pb, as `tfmir export` writes).")
+    return os.path.join(directory, str(max(versions)))
+
+
+def read_export_info(directory) -> dict:
+    """Reads `assets.extra/export_info.json` of an export written by `export_saved_model`.
+
+    Args:
+        directory: the SavedModel directory or its TF Serving base directory (newest version).
+
+    Returns:
+        The export's description: tfmir_version, model_config, model_fingerprint, image_size,
+        resize_size, embedding_dim, max_image_pixels, signatures, ...
+    """
+    export_directory = resolve_export_directory(directory)
+    path = os.path.join(export_directory, EXPORT_INFO_DIR, EXPORT_INFO_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{export_directory} holds a SavedModel but no "
+                                f"{EXPORT_INFO_DIR}/{EXPORT_INFO_FILE}; it was not written by "
+                                "tfmir's export_saved_model.")
+    with open(path) as stream:
+        return json.load(stream)
