@@ -1,6 +1,23 @@
-"""Nearest-neighbour search over embeddings."""
+"""Nearest-neighbour search over embeddings and hash codes.
 
+One interface (`Index`: build, add, search, search_arrays, get, save, load) with
+three implementations: `ExactIndex`, `ScannIndex` and `HammingIndex`.
+"""
+
+from tfmir.index.base import Index
 from tfmir.index.exact import METRICS
+from tfmir.index.exact import ExactIndex
 from tfmir.index.exact import exact_search
+from tfmir.index.hamming import HammingIndex
+from tfmir.index.hamming import pack_bits
+from tfmir.index.scann_index import ScannIndex
 
-__all__ = ["METRICS", "exact_search"]
+__all__ = [
+    "METRICS",
+    "ExactIndex",
+    "HammingIndex",
+    "Index",
+    "ScannIndex",
+    "exact_search",
+    "pack_bits",
+]

@@ -1,9 +1,11 @@
-"""Exact (brute-force) k-nearest-neighbour search, batched over the queries."""
+"""Exact (brute-force) k-nearest-neighbour search, batched over the queries, and `ExactIndex`."""
 
 import numbers
 
 import numpy as np
 import tensorflow as tf
+
+from tfmir.index.base import Index
 
 METRICS = ("cosine", "dot", "l2")
 
@@ -119,3 +121,76 @@ def _l2_normalize(x):
 
 def _is_int(value):
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+class ExactIndex(Index):
+    """Exact top-k search over stored float vectors: a thin class over `exact_search`.
+
+    Every query is compared with every item (a batched TensorFlow matmul), so
+    results are exact; right for up to a few tens of thousands of items, and
+    the reference that approximate indexes are measured against. `add` simply
+    appends the vectors; there is nothing to rebuild.
+
+    Scores: `"cosine"` similarity (vectors are L2-normalised when stored and
+    queries when searched; higher is better), `"dot"` inner product (higher is
+    better), `"l2"` Euclidean distance (lower is better). Equal scores come in
+    row order.
+
+    Args:
+        metric: One of `METRICS`.
+        dimension: Vector length.
+        model_fingerprint: Identifies the model that made the vectors.
+        batch_size: Queries compared with the whole index at once (memory is
+            O(batch_size × len(index))).
+
+    Example:
+
+    >>> index = ExactIndex(metric="cosine", dimension=2)
+    >>> index = index.build([[1.0, 0.0], [0.0, 1.0]], ids=["a", "b"], labels=[0, 1])
+    >>> [hit["id"] for hit in index.search([[0.9, 0.1]], k=2)[0]]
+    ['a', 'b']
+    """
+
+    kind = "exact"
+    metrics = METRICS
+    data_file = "vectors.npy"
+    default_settings = {"batch_size": 1024}
+
+    def __init__(
+        self,
+        *,
+        metric: str = "cosine",
+        dimension: int,
+        model_fingerprint: str | None = None,
+        **settings,
+    ):
+        super().__init__(
+            metric=metric, dimension=dimension, model_fingerprint=model_fingerprint, **settings
+        )
+
+    def _validate_settings(self):
+        batch_size = self.settings["batch_size"]
+        if not _is_int(batch_size) or batch_size <= 0:
+            raise ValueError(
+                f"batch_size must be a positive integer. Received: batch_size={batch_size!r}"
+            )
+
+    def _prepare_vectors(self, vectors, name):
+        vectors = self._check_float_vectors(vectors, name)
+        return _l2_normalize(vectors) if self.metric == "cosine" else vectors
+
+    def _build_searcher(self, data):
+        pass  # the stored vectors are the searcher
+
+    def _extend_searcher(self, all_data, new_data):
+        pass
+
+    def _read_searcher(self, directory, manifest):
+        pass
+
+    def _search(self, queries, k):
+        # Both sides are already unit length for cosine, so the dot product is it.
+        metric = "dot" if self.metric == "cosine" else self.metric
+        return exact_search(
+            queries, self._data, k, metric=metric, batch_size=self.settings["batch_size"]
+        )
