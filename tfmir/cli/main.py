@@ -9,6 +9,8 @@ COMMANDS = {
     "demo": ("tfmir.cli.demo", "train the cpu preset on the shipped sample and show what it retrieves"),
     "train": ("tfmir.cli.train", "train a retrieval embedder (Multi-Similarity), resumable"),
     "export": ("tfmir.cli.export", "write a trained embedder as a SavedModel for TF Serving"),
+    "index": ("tfmir.cli.index", "embed an image archive and write a search index, resumable"),
+    "search": ("tfmir.cli.search", "top-k similar indexed images for query images, as JSON"),
 }
 
 

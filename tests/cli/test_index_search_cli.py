@@ -1,0 +1,173 @@
+"""`tfmir index` and `tfmir search` run as a user runs them, on real PH2 dermoscopy images."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+from tfmir.data import load_image_folder
+from tfmir.export import export_saved_model, model_fingerprint
+from tfmir.index import Index
+from tfmir.index.embedding import embed_in_shards, load_model_embedder, shard_path
+from tfmir.models import Embedder
+
+NUM_IMAGES = 30
+
+
+def tfmir(*args):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    return subprocess.run([sys.executable, "-m", "tfmir.cli", *map(str, args)],
+                          capture_output=True, text=True, timeout=600, env=env)
+
+
+def _tiny_model(directory, seed):
+    keras.utils.set_random_seed(seed)
+    model = Embedder.from_preset("tiny")
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save(directory / "best.keras")
+    (directory / "config.json").write_text(json.dumps({"resize_size": 36}))
+    export_saved_model(model, directory / "export" / "1", resize_size=36)
+    return directory / "best.keras", directory / "export", model_fingerprint(model)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return {"main": _tiny_model(root / "main", seed=1), "other": _tiny_model(root / "other", 2)}
+
+
+@pytest.fixture(scope="module")
+def folder(shared_data_dir, tmp_path_factory):
+    """30 real PH2 images in two class folders (the first 15 files and the next 15)."""
+    images = sorted((shared_data_dir / "ph2" / "images").glob("*.jpg"))[:NUM_IMAGES]
+    root = tmp_path_factory.mktemp("skin")
+    for number, image in enumerate(images):
+        class_folder = root / ("first" if number < NUM_IMAGES // 2 else "second")
+        class_folder.mkdir(exist_ok=True)
+        shutil.copy(image, class_folder / image.name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def built_index(models, folder, tmp_path_factory):
+    _, export, _ = models["main"]
+    output = tmp_path_factory.mktemp("indexes") / "skin"
+    result = tfmir("index", f"--model={export}", f"--data=skin={folder}", f"--output={output}",
+                   "--batch_size=16", "--shard_size=8")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return output, result
+
+
+def test_index_holds_every_image_with_its_class_name(built_index, models, folder):
+    output, result = built_index
+    index = Index.load(output, expected_model_fingerprint=models["main"][2])
+    assert len(index) == NUM_IMAGES
+    expected = load_image_folder(folder)
+    assert sorted(index.ids.tolist()) == sorted(expected.ids.tolist())
+    for row in index.get(expected.ids.tolist()):
+        assert row["label"] == row["id"].split("/")[0]  # "first/IMD002.jpg" -> "first"
+        assert row["source"] == "skin"
+        assert row["path"] == os.path.join(str(folder), row["id"])
+    assert not os.path.exists(f"{output}.shards")  # removed once the index is saved
+    assert f"Wrote an index of {NUM_IMAGES} items" in result.stdout
+
+
+def test_search_finds_the_query_itself_first(built_index, models, folder, tmp_path):
+    output, _ = built_index
+    query = sorted((folder / "second").iterdir())[0]
+    gallery = tmp_path / "gallery.png"
+    result = tfmir("search", f"--index={output}", f"--model={models['main'][1]}", "--k=3",
+                   f"--gallery={gallery}", query)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (entry,) = json.loads(result.stdout)
+    assert entry["query"] == str(query)
+    assert [row["rank"] for row in entry["results"]] == [1, 2, 3]
+    first = entry["results"][0]
+    assert first["id"] == f"second/{query.name}" and first["label"] == "second"
+    assert first["score"] == pytest.approx(1.0, abs=1e-4)  # cosine of an image with itself
+    labels = [row["label"] for row in entry["results"]]
+    assert entry["predicted_label"] == max(labels, key=labels.count)
+    assert gallery.is_file() and gallery.stat().st_size > 0
+
+
+def test_search_with_the_keras_checkpoint_and_a_source_filter(built_index, models, folder,
+                                                              tmp_path):
+    output, _ = built_index
+    query = sorted((folder / "first").iterdir())[0]
+    json_path = tmp_path / "results.json"
+    result = tfmir("search", f"--index={output}", f"--model={models['main'][0]}", "--k=2",
+                   "--source=skin", f"--output_json={json_path}", query)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (entry,) = json.loads(json_path.read_text())
+    assert entry["results"][0]["id"] == f"first/{query.name}"
+    assert entry["results"][0]["score"] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_search_refuses_bad_input(built_index, models, folder, tmp_path):
+    output, _ = built_index
+    query = sorted((folder / "first").iterdir())[0]
+    other_export, other_fingerprint = models["other"][1], models["other"][2]
+    result = tfmir("search", f"--index={output}", f"--model={other_export}", query)
+    assert result.returncode != 0
+    assert "does not match the index" in result.stderr
+    assert other_fingerprint in result.stderr and models["main"][2] in result.stderr
+
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    result = tfmir("search", f"--index={output}", f"--model={models['main'][1]}", broken)
+    assert result.returncode != 0 and f"unreadable query image(s): {broken}" in result.stderr
+
+    for k in (0, NUM_IMAGES + 1):
+        result = tfmir("search", f"--index={output}", f"--model={models['main'][1]}", f"--k={k}",
+                       query)
+        assert result.returncode != 0 and f"--k={k}" in result.stderr
+
+    result = tfmir("search", f"--index={tmp_path / 'missing'}", f"--model={models['main'][1]}",
+                   query)
+    assert result.returncode != 0 and "is not a directory" in result.stderr
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_embedding_resumes_from_finished_shards(models, folder, tmp_path):
+    embedder = load_model_embedder(models["main"][1])
+    examples = load_image_folder(folder, source="skin")
+    calls = []
+
+    def failing_after_two_shards(part):
+        if len(calls) == 2:
+            raise _Interrupted()
+        calls.append(len(part))
+        return embedder(part)
+
+    shards = tmp_path / "index.shards"
+    arguments = dict(fingerprint=embedder.fingerprint, shard_size=8, batch_size=8, progress=False)
+    with pytest.raises(_Interrupted):
+        embed_in_shards(failing_after_two_shards, [examples], shards, **arguments)
+    finished = [os.stat(shard_path(shards, number)).st_mtime_ns for number in (0, 1)]
+    assert not os.path.exists(shard_path(shards, 2))
+
+    calls.clear()
+
+    def counting(part):
+        calls.append(len(part))
+        return embedder(part)
+
+    resumed = embed_in_shards(counting, [examples], shards, **arguments)
+    assert calls == [8, 6]  # shards 2 and 3 only: 30 = 8 + 8 + 8 + 6
+    assert [os.stat(shard_path(shards, number)).st_mtime_ns for number in (0, 1)] == finished
+
+    uninterrupted = embed_in_shards(embedder, [examples], tmp_path / "fresh.shards", **arguments)
+    np.testing.assert_allclose(resumed, uninterrupted, atol=1e-5)
+
+    # Shards of another model are not reused.
+    calls.clear()
+    embed_in_shards(counting, [examples], shards, **{**arguments, "fingerprint": "another"})
+    assert calls == [8, 8, 8, 6]

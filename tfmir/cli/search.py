@@ -1,0 +1,180 @@
+"""`tfmir search`: the most similar indexed images for query image files, as JSON.
+
+    tfmir search --index=indexes/skin --model=exported/tfmir --k=8 query.jpg
+    tfmir search --index=indexes/skin --model=exported/tfmir --gallery=results.png a.jpg b.png
+
+--model must be the model that built the index (its fingerprint is checked against the index
+manifest): the same SavedModel, or the .keras checkpoint it was exported from. Prints (or writes
+to --output_json) a list with one entry per query:
+`{"query", "results": [{"id", "label", "source", "path", "score", "rank"}], "predicted_label"}`,
+the prediction being the majority label of the top k (ties go to the nearest: deep kNN).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from absl import app, flags
+
+_INDEX = flags.DEFINE_string("index", None, "Index directory written by `tfmir index`.",
+                             required=True)
+_MODEL = flags.DEFINE_string(
+    "model", None, "The model that built the index: its SavedModel directory or the .keras "
+    "checkpoint it was exported from (fingerprints must match).", required=True)
+_K = flags.DEFINE_integer("k", 8, "Results per query.")
+_OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Write the JSON here (default: stdout).")
+_GALLERY = flags.DEFINE_string(
+    "gallery", None, "Also write a PNG: each query followed by its top k. A result is framed "
+    "green when its label equals --query_label if given, else the predicted label (the queries' "
+    "true labels are not known), red otherwise; indexed images without a file (MedMNIST, in "
+    "memory) are shown as grey tiles.")
+_QUERY_LABEL = flags.DEFINE_string("query_label", None, "The queries' known label, used to "
+                                   "frame the gallery (see --gallery).")
+_SOURCE = flags.DEFINE_string(
+    "source", None, "Only return results from this source. Implemented by searching a larger k "
+    "(doubling up to the whole index) and keeping that source's results.")
+_RESIZE_SIZE = flags.DEFINE_integer(
+    "resize_size", None, "Resize side for a .keras --model (default: config.json beside it).",
+    lower_bound=1)
+
+PLACEHOLDER_GREY = 160
+
+
+class SearchError(Exception):
+    """A problem with the command's inputs, reported as one line without a traceback."""
+
+
+def _load_index(directory: str, fingerprint: str | None = None):
+    from tfmir.index import Index
+
+    try:
+        return Index.load(directory, expected_model_fingerprint=fingerprint)
+    except ValueError as error:
+        if fingerprint is not None and "model fingerprint mismatch" in str(error):
+            raise SearchError(f"--model does not match the index: {error} Use the model that "
+                              "built the index, or rebuild it with `tfmir index`.") from error
+        raise SearchError(f"cannot load --index: {error}") from error
+
+
+def check_queries(paths) -> None:
+    from tfmir.data.datasets import find_unreadable
+
+    if not paths:
+        raise SearchError("no query images: give image files after the flags, e.g. "
+                          "`tfmir search --index=... --model=... query.jpg`.")
+    unreadable = find_unreadable(paths)
+    if unreadable:
+        raise SearchError("unreadable query image(s): " + "; ".join(
+            f"{path} ({reason})" for path, reason in unreadable))
+
+
+def search_sources(index, queries, k: int, source: str | None):
+    """Top-k rows per query; with `source`, searches ever larger k and keeps that source."""
+    if source is None:
+        return index.search(queries, k)
+    count = int((index.sources == source).sum())
+    if count == 0:
+        raise SearchError(f"--source={source} is not in the index; its sources are "
+                          f"{sorted(set(index.sources.tolist()))}.")
+    if k > count:
+        raise SearchError(f"--k={k} is larger than the {count} items of source {source!r}.")
+    wanted = min(len(index), 4 * k)
+    while True:
+        results = [[row for row in rows if row["source"] == source][:k]
+                   for rows in index.search(queries, wanted)]
+        if all(len(rows) == k for rows in results) or wanted == len(index):
+            return [[{**row, "rank": rank} for rank, row in enumerate(rows, start=1)]
+                    for rows in results]
+        wanted = min(len(index), 2 * wanted)
+
+
+def predicted_labels(results) -> list:
+    """Majority label of each query's results; ties go to the nearest (`knn_predict`)."""
+    import numpy as np
+
+    from tfmir.metrics.classification import knn_predict
+
+    names = sorted({json.dumps(row["label"]) for rows in results for row in rows})
+    code = {name: number for number, name in enumerate(names)}
+    votes = np.array([[code[json.dumps(row["label"])] for row in rows] for rows in results])
+    return [json.loads(names[winner]) for winner in knn_predict(votes, k=votes.shape[1])]
+
+
+def _image(path: str | None, fallback_side: int = 64):
+    import numpy as np
+    from PIL import Image
+
+    if path:
+        try:
+            with Image.open(path) as image:
+                return np.asarray(image.convert("RGB"))
+        except OSError:
+            pass
+    return np.full((fallback_side, fallback_side, 3), PLACEHOLDER_GREY, np.uint8)
+
+
+def write_gallery(path: str, queries, output, query_label: str | None) -> None:
+    from tfmir.visualization.gallery import save_gallery
+
+    references = [query_label if query_label is not None else entry["predicted_label"]
+                  for entry in output]
+    names = sorted({json.dumps(value) for value in references}
+                   | {json.dumps(row["label"]) for entry in output for row in entry["results"]})
+    code = {name: number for number, name in enumerate(names)}
+    save_gallery(
+        path, [_image(query) for query in queries],
+        [code[json.dumps(value)] for value in references],
+        [[_image(row["path"]) for row in entry["results"]] for entry in output],
+        [[code[json.dumps(row["label"])] for row in entry["results"]] for entry in output],
+        class_names=[str(json.loads(name)) for name in names],
+        row_titles=[os.path.basename(query) for query in queries])
+
+
+def search(queries) -> None:
+    import numpy as np
+
+    from tfmir.data import Examples
+    from tfmir.index.embedding import load_model_embedder
+
+    if _K.value <= 0:
+        raise SearchError(f"--k must be at least 1. Received: --k={_K.value}")
+    if not os.path.isdir(_INDEX.value):
+        raise SearchError(f"--index={_INDEX.value} is not a directory; build one with "
+                          "`tfmir index`.")
+    check_queries(queries)
+    try:
+        embedder = load_model_embedder(_MODEL.value, resize_size=_RESIZE_SIZE.value)
+    except ValueError as error:
+        raise SearchError(str(error)) from error
+    index = _load_index(_INDEX.value, embedder.fingerprint)
+    if _K.value > len(index):
+        raise SearchError(f"--k={_K.value} is larger than the index ({len(index)} items).")
+    paths = [os.path.abspath(query) for query in queries]
+    examples = Examples(labels=np.zeros(len(paths), np.int64), sources="query",
+                        ids=[str(number) for number in range(len(paths))], class_names=("",),
+                        paths=paths)
+    try:
+        embeddings = embedder(examples)
+    except Exception as error:  # the SavedModel's header checks raise InvalidArgumentError
+        raise SearchError(f"could not embed the query images: {type(error).__name__}: "
+                          f"{str(error).splitlines()[0] if str(error) else ''}") from error
+    results = search_sources(index, embeddings, _K.value, _SOURCE.value)
+    output = [{"query": query, "results": rows, "predicted_label": label}
+              for query, rows, label in zip(queries, results, predicted_labels(results))]
+    text = json.dumps(output, indent=2) + "\n"
+    if _OUTPUT_JSON.value:
+        from tfmir.cli.report import write_atomic
+
+        write_atomic(_OUTPUT_JSON.value, text)
+    else:
+        print(text, end="")
+    if _GALLERY.value:
+        write_gallery(_GALLERY.value, queries, output, _QUERY_LABEL.value)
+
+
+def main(argv) -> None:
+    try:
+        search(argv[1:])
+    except SearchError as error:
+        raise SystemExit(f"tfmir search: error: {error}") from None
