@@ -21,10 +21,12 @@ In one run, for every precision policy (float32, mixed_bfloat16):
 
 Models are built with random weights (`weights=None`): speed does not depend on them, and the
 paper preset then needs no download. Every figure is the median of --repeats timed runs
-(`time.perf_counter`), runs of the compared variants interleaved so that load from other
-processes hits them alike; the CPU time other processes took during each run is recorded
-("others", in cores) next to the load average. Reads the shipped MedMNIST sample, or --data
-(the `tfmir train --data` specs). Writes the tables to stdout and everything to --output_json.
+(`time.perf_counter`, warm-up excluded). The machine may be shared: the CPU time other processes
+took during each run is measured (from /proc/stat), a run during which they used more than
+--max_others cores is timed again, and a figure that could not get --repeats undisturbed runs is
+marked "(disturbed)". Embedding runs of all variants are interleaved. Reads the shipped MedMNIST
+sample, or --data (the `tfmir train --data` specs). Prints the tables; --output_json gets every
+figure, including each run.
 """
 
 from __future__ import annotations
@@ -90,6 +92,9 @@ _RECALL_STEPS = flags.DEFINE_integer("recall_steps_per_epoch", 100,
 _RECALL_SEEDS = flags.DEFINE_list("recall_seeds", ["0"], "Seeds of the Recall@1 trainings; "
                                   "each seed trains every precision.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of weights, sampling and augmentation.")
+_MAX_OTHERS = flags.DEFINE_float(
+    "max_others", 0.25, "A timed run during which other processes used more cores than this is "
+    "disturbed and timed again (up to 3 x --repeats runs per figure).")
 _OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Also write every figure here.")
 
 
@@ -127,12 +132,19 @@ def _timed(function) -> Timing:
     return Timing(seconds, max(others, 0.0))
 
 
-def _summary(timings, work: float, unit: str) -> dict:
-    """Median rate (work / seconds) over the timed runs, with its spread and the others' load."""
-    rates = [work / timing.seconds for timing in timings]
+def _summary(timings, work: float, unit: str, repeats: int) -> dict:
+    """Median rate (work / seconds) of the undisturbed timed runs, with spread and others' load.
+
+    A run is disturbed when other processes used more than --max_others cores meanwhile. With
+    fewer than `repeats` undisturbed runs every run counts and the figure is marked disturbed.
+    """
+    clean = [timing for timing in timings if timing.others <= _MAX_OTHERS.value][:repeats]
+    used = clean if len(clean) >= repeats else list(timings)
+    rates = [work / timing.seconds for timing in used]
     return {"median": statistics.median(rates), "min": min(rates), "max": max(rates),
-            "unit": unit, "runs": rates,
-            "others_cores": max(timing.others for timing in timings)}
+            "unit": unit, "runs": rates, "others_cores": max(timing.others for timing in used),
+            "disturbed": len(clean) < repeats,
+            "discarded_runs": len(timings) - len(used)}
 
 
 def _load() -> str:
@@ -164,14 +176,24 @@ def _cycled(examples, num_items: int):
 
 # --- The three measurements -------------------------------------------------------------------
 
+def _clean(timings) -> int:
+    return sum(timing.others <= _MAX_OTHERS.value for timing in timings)
+
+
 def _round_robin(runs: dict, repeats: int) -> dict:
-    """Times every run `repeats` times, interleaved, after one untimed warm-up run of each."""
+    """Times every run, interleaved, until each has `repeats` undisturbed timings.
+
+    One untimed warm-up run of each comes first; a run is given up after 3 x repeats timings.
+    """
     for run in runs.values():
         run()
     timings = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, run in runs.items():
-            timings[name].append(_timed(run))
+    for _ in range(3 * repeats):
+        pending = [name for name in runs if _clean(timings[name]) < repeats]
+        if not pending:
+            break
+        for name in pending:
+            timings[name].append(_timed(runs[name]))
     return timings
 
 
@@ -212,10 +234,13 @@ def measure_embedding(examples, *, preset: str, precisions, batch_size: int, ima
     runs[None, "pipeline_only"] = pipeline_only
     timings = _round_robin(runs, repeats)
 
+    def summary(name):
+        return _summary(timings[name], len(examples), "images/s", repeats)
+
     result = {"make_dataset_seconds": statistics.median(build_seconds),
-              "pipeline_only": _summary(timings[None, "pipeline_only"], len(examples), "images/s")}
+              "pipeline_only": summary((None, "pipeline_only"))}
     for precision in precisions:
-        figures = {variant: _summary(timings[precision, variant], len(examples), "images/s")
+        figures = {variant: summary((precision, variant))
                    for variant in ("model_only", "pipeline_and_model")}
         figures["overhead"] = (1 - figures["pipeline_and_model"]["median"]
                                / figures["model_only"]["median"])
@@ -224,10 +249,11 @@ def measure_embedding(examples, *, preset: str, precisions, batch_size: int, ima
 
 
 class EpochTimer(keras.callbacks.Callback):
-    """Records the wall time of every epoch and the cores other processes used meanwhile."""
+    """Times every epoch after the first; stops training after `repeats` undisturbed ones."""
 
-    def __init__(self):
+    def __init__(self, repeats: int):
         super().__init__()
+        self.repeats = repeats
         self.timings = []
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -238,6 +264,8 @@ class EpochTimer(keras.callbacks.Callback):
         seconds = time.perf_counter() - start
         others = (_busy_seconds() - busy - (_own_seconds() - own)) / seconds
         self.timings.append(Timing(seconds, max(others, 0.0)))
+        if _clean(self.timings[1:]) >= self.repeats:
+            self.model.stop_training = True
 
 
 def measure_training(train, *, preset: str, precisions, jit: bool, steps: int, repeats: int,
@@ -246,10 +274,10 @@ def measure_training(train, *, preset: str, precisions, jit: bool, steps: int, r
     """Train steps/s of `model.fit` on the sampler-driven pipeline and on one in-memory batch.
 
     Every (precision, jit_compile, feed) gets its own model, compiled as `train_embedder` does
-    (plus jit_compile), and one `fit` of 1 + repeats epochs of `steps` steps: the dataset
-    iterator lives across epochs as in `train_embedder`, the first epoch (tracing, XLA
-    compilation, iterator start) is not timed, each further epoch is one timed run. The two feeds
-    of a precision run back to back so that they see similar background load.
+    (plus jit_compile), and one `fit` of epochs of `steps` steps: the dataset iterator lives
+    across epochs as in `train_embedder`, the first epoch (tracing, XLA compilation, iterator
+    start) is not timed, each further epoch is one timed run, until `repeats` undisturbed ones.
+    The two feeds of a precision run back to back so that they see similar background load.
     """
     def training_dataset():
         sampler = make_sampler(train, num_classes_per_batch=num_classes_per_batch,
@@ -267,15 +295,15 @@ def measure_training(train, *, preset: str, precisions, jit: bool, steps: int, r
         keras.utils.set_random_seed(seed)
         dataset = (training_dataset() if feed == "pipeline"
                    else tf.data.Dataset.from_tensors(first_batch).repeat())
-        timer, model = EpochTimer(), None
+        timer, model = EpochTimer(repeats), None
         try:
             with _policy(precision):
                 model = Embedder.from_preset(preset, weights=None)
                 model.compile(optimizer=keras.optimizers.Adam(learning_rate),
                               loss=MultiSimilarity(), jit_compile=jit_compile)
-                model.fit(dataset, epochs=1 + repeats, steps_per_epoch=steps, callbacks=[timer],
-                          verbose=0, shuffle=False)
-            figure = {**_summary(timer.timings[1:], steps, "steps/s"),
+                model.fit(dataset, epochs=1 + 3 * repeats, steps_per_epoch=steps,
+                          callbacks=[timer], verbose=0, shuffle=False)
+            figure = {**_summary(timer.timings[1:], steps, "steps/s", repeats),
                       "warmup_epoch_seconds": timer.timings[0].seconds}
             message = (f"{figure['median']:.2f} steps/s, first epoch "
                        f"{figure['warmup_epoch_seconds']:.1f} s, others up to "
@@ -306,8 +334,8 @@ def measure_training(train, *, preset: str, precisions, jit: bool, steps: int, r
         for _ in range(steps):
             next(iterator)
 
-    timings = [_timed(next_batches) for _ in range(repeats)]
-    result["pipeline_only"] = {**_summary(timings, steps, "batches/s"),
+    timings = _round_robin({"next_batches": next_batches}, repeats)["next_batches"]
+    result["pipeline_only"] = {**_summary(timings, steps, "batches/s", repeats),
                                "first_batch_seconds": statistics.median(starts)}
     return result
 
@@ -317,23 +345,23 @@ def measure_recall(splits, *, preset: str, precisions, seeds, epochs: int, steps
     runs = []
     for seed in seeds:
         for precision in precisions:
+            trained = []  # _timed calls the lambda at once: the loop variables are current
             with tempfile.TemporaryDirectory() as workdir:
-                start = time.perf_counter()
-                result = train_embedder(splits["train"], splits["val"], workdir=workdir,
-                                        preset=preset, epochs=epochs,
-                                        steps_per_epoch=steps_per_epoch,
-                                        mixed_precision=precision == "mixed_bfloat16",
-                                        seed=seed, verbose=0)
-                seconds = time.perf_counter() - start
+                timing = _timed(lambda: trained.append(train_embedder(
+                    splits["train"], splits["val"], workdir=workdir, preset=preset,
+                    epochs=epochs, steps_per_epoch=steps_per_epoch,
+                    mixed_precision=precision == "mixed_bfloat16", seed=seed, verbose=0)))
+            result = trained[0]
             recall = evaluate_retrieval(result.model, splits["test"],
                                         resize_size=result.resize_size, ks=(1,))
-            runs.append({"precision": precision, "seed": seed, "train_seconds": seconds,
+            runs.append({"precision": precision, "seed": seed, "train_seconds": timing.seconds,
+                         "others_cores": timing.others,
                          "recall@1": {source: values["recall@1"]
                                       for source, values in recall.items()}})
             print(f"  recall: {precision} seed={seed}: "
                   + ", ".join(f"{source} {100 * value:.1f}"
                               for source, value in runs[-1]["recall@1"].items())
-                  + f" ({seconds:.0f} s, {_load()})", flush=True)
+                  + f" ({timing.seconds:.0f} s, others {timing.others:.2f} cores)", flush=True)
     return runs
 
 
@@ -361,7 +389,9 @@ def _cell(figure: dict | None, digits: int = 1) -> str:
         return "—"
     if "error" in figure:
         return "failed"
-    return (f"{figure['median']:.{digits}f} [{figure['min']:.{digits}f}–{figure['max']:.{digits}f}]")
+    mark = " (disturbed)" if figure.get("disturbed") else ""
+    return (f"{figure['median']:.{digits}f} [{figure['min']:.{digits}f}–{figure['max']:.{digits}f}]"
+            + mark)
 
 
 def _ratio(numerator: dict | None, denominator: dict | None) -> str:
@@ -419,29 +449,14 @@ def throughput_table(results: dict, precisions) -> str:
     return "\n".join(lines)
 
 
-def _others(results: dict) -> float:
-    """The most cores other processes used during any timed run."""
-    found = []
-
-    def walk(value):
-        if isinstance(value, dict):
-            if "others_cores" in value:
-                found.append(value["others_cores"])
-            for item in value.values():
-                walk(item)
-
-    walk({key: results.get(key) for key in ("embedding", "training")})
-    return max(found, default=float("nan"))
-
-
 def recall_table(runs) -> str:
     sources = list(runs[0]["recall@1"])
-    lines = ["| precision | seed | " + " | ".join(f"{s} R@1" for s in sources) + " | train + val time |",
-             "|---" * (3 + len(sources)) + "|"]
+    lines = ["| precision | seed | " + " | ".join(f"{s} R@1" for s in sources)
+             + " | train + val time | others (cores) |", "|---" * (4 + len(sources)) + "|"]
     for run in runs:
         lines.append(f"| {run['precision']} | {run['seed']} | "
                      + " | ".join(f"{100 * run['recall@1'][s]:.1f}" for s in sources)
-                     + f" | {run['train_seconds']:.0f} s |")
+                     + f" | {run['train_seconds']:.0f} s | {run['others_cores']:.2f} |")
     return "\n".join(lines)
 
 
@@ -505,8 +520,8 @@ def main(argv) -> None:
             learning_rate=schedule["learning_rate"], seed=_SEED.value)
         print(f"  training measured ({_load()})", flush=True)
 
-    print(f"\nThroughput, preset={preset} (median [min–max] of {repeats} runs; other processes "
-          f"used up to {_others(results):.2f} cores during a run):\n")
+    print(f"\nThroughput, preset={preset} (median [min–max] of {repeats} runs during which other "
+          f"processes used at most {_MAX_OTHERS.value} cores):\n")
     table = throughput_table(results, precisions)
     print(table)
     results["table"] = table
