@@ -11,6 +11,7 @@ COMMANDS = {
     "export": ("tfmir.cli.export", "write a trained embedder as a SavedModel for TF Serving"),
     "index": ("tfmir.cli.index", "embed an image archive and write a search index, resumable"),
     "search": ("tfmir.cli.search", "top-k similar indexed images for query images, as JSON"),
+    "serve": ("tfmir.cli.serve", "an HTTP JSON search service: POST /search, GET /healthz"),
 }
 
 

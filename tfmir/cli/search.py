@@ -17,6 +17,9 @@ import os
 
 from absl import app, flags
 
+from tfmir.serving.retrieval import (SearchError, load_index, predicted_labels,
+                                     search_sources)
+
 _INDEX = flags.DEFINE_string("index", None, "Index directory written by `tfmir index`.",
                              required=True)
 _MODEL = flags.DEFINE_string(
@@ -41,22 +44,6 @@ _RESIZE_SIZE = flags.DEFINE_integer(
 PLACEHOLDER_GREY = 160
 
 
-class SearchError(Exception):
-    """A problem with the command's inputs, reported as one line without a traceback."""
-
-
-def _load_index(directory: str, fingerprint: str | None = None):
-    from tfmir.index import Index
-
-    try:
-        return Index.load(directory, expected_model_fingerprint=fingerprint)
-    except ValueError as error:
-        if fingerprint is not None and "model fingerprint mismatch" in str(error):
-            raise SearchError(f"--model does not match the index: {error} Use the model that "
-                              "built the index, or rebuild it with `tfmir index`.") from error
-        raise SearchError(f"cannot load --index: {error}") from error
-
-
 def check_queries(paths) -> None:
     from tfmir.data.datasets import find_unreadable
 
@@ -67,38 +54,6 @@ def check_queries(paths) -> None:
     if unreadable:
         raise SearchError("unreadable query image(s): " + "; ".join(
             f"{path} ({reason})" for path, reason in unreadable))
-
-
-def search_sources(index, queries, k: int, source: str | None):
-    """Top-k rows per query; with `source`, searches ever larger k and keeps that source."""
-    if source is None:
-        return index.search(queries, k)
-    count = int((index.sources == source).sum())
-    if count == 0:
-        raise SearchError(f"--source={source} is not in the index; its sources are "
-                          f"{sorted(set(index.sources.tolist()))}.")
-    if k > count:
-        raise SearchError(f"--k={k} is larger than the {count} items of source {source!r}.")
-    wanted = min(len(index), 4 * k)
-    while True:
-        results = [[row for row in rows if row["source"] == source][:k]
-                   for rows in index.search(queries, wanted)]
-        if all(len(rows) == k for rows in results) or wanted == len(index):
-            return [[{**row, "rank": rank} for rank, row in enumerate(rows, start=1)]
-                    for rows in results]
-        wanted = min(len(index), 2 * wanted)
-
-
-def predicted_labels(results) -> list:
-    """Majority label of each query's results; ties go to the nearest (`knn_predict`)."""
-    import numpy as np
-
-    from tfmir.metrics.classification import knn_predict
-
-    names = sorted({json.dumps(row["label"]) for rows in results for row in rows})
-    code = {name: number for number, name in enumerate(names)}
-    votes = np.array([[code[json.dumps(row["label"])] for row in rows] for rows in results])
-    return [json.loads(names[winner]) for winner in knn_predict(votes, k=votes.shape[1])]
 
 
 def _image(path: str | None, fallback_side: int = 64):
@@ -147,7 +102,7 @@ def search(queries) -> None:
         embedder = load_model_embedder(_MODEL.value, resize_size=_RESIZE_SIZE.value)
     except ValueError as error:
         raise SearchError(str(error)) from error
-    index = _load_index(_INDEX.value, embedder.fingerprint)
+    index = load_index(_INDEX.value, embedder.fingerprint)
     if _K.value > len(index):
         raise SearchError(f"--k={_K.value} is larger than the index ({len(index)} items).")
     paths = [os.path.abspath(query) for query in queries]

@@ -1,0 +1,82 @@
+"""`tfmir serve`: an HTTP JSON search service over an index built by `tfmir index`.
+
+    tfmir serve --index=indexes/skin --model=exported/tfmir --port=8080
+    curl -s -H 'Content-Type: image/jpeg' --data-binary @query.jpg \
+        'http://127.0.0.1:8080/search?k=8'
+    curl -s -F image=@query.jpg 'http://127.0.0.1:8080/search?k=4&source=skin'
+    curl -s http://127.0.0.1:8080/healthz
+
+`POST /search` answers `{"results": [{"id", "label", "source", "path", "score", "rank"}],
+"predicted_label"}` (the per-query shape of `tfmir search`); refusals are JSON `{"error"}` with
+a 4xx status (see `tfmir.serving.server`). Queries are embedded in-process with --model (the
+model that built the index; its fingerprint is checked), or by TF Serving with --tf_serving_url
+(then --model, if given, is only used to check the fingerprint of the export TF Serving serves).
+Listens on the loopback interface unless --host says otherwise. Ctrl-C or SIGTERM stops it.
+"""
+
+from __future__ import annotations
+
+import signal
+
+from absl import app, flags
+
+# The same as tfmir.serving's defaults; repeated so that flag parsing does not wait for TensorFlow.
+DEFAULT_MAX_REQUEST_BYTES = 32 * 1024 * 1024
+DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
+
+_INDEX = flags.DEFINE_string("index", None, "Index directory written by `tfmir index`.",
+                             required=True)
+_MODEL = flags.DEFINE_string(
+    "model", None, "The model that built the index: its SavedModel directory or the .keras "
+    "checkpoint it was exported from (fingerprints must match). Optional with "
+    "--tf_serving_url, where it names the export TF Serving serves, to check its fingerprint.")
+_HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (loopback by default).")
+_PORT = flags.DEFINE_integer("port", 8080, "Port to listen on; 0 picks a free one.",
+                             lower_bound=0, upper_bound=65535)
+_K = flags.DEFINE_integer("k", 8, "Results per query when a request gives no k.", lower_bound=1)
+_TF_SERVING_URL = flags.DEFINE_string(
+    "tf_serving_url", None, "Embed queries with TF Serving's REST API at this model URL, e.g. "
+    "http://localhost:8501/v1/models/tfmir (POST <url>:predict), instead of in-process.")
+_MAX_REQUEST_BYTES = flags.DEFINE_integer(
+    "max_request_bytes", DEFAULT_MAX_REQUEST_BYTES, "Refuse (413) request bodies larger than "
+    "this, before reading them.", lower_bound=1)
+_MAX_IMAGE_PIXELS = flags.DEFINE_integer(
+    "max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS, "Refuse (413) images whose header gives more "
+    "pixels (height × width) than this, before decoding them.", lower_bound=1)
+_RESIZE_SIZE = flags.DEFINE_integer(
+    "resize_size", None, "Resize side for a .keras --model (default: config.json beside it).",
+    lower_bound=1)
+
+
+def _stop(signal_number, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if _MODEL.value is None and _TF_SERVING_URL.value is None:
+        raise SystemExit("tfmir serve: error: give --model (the model that built the index), "
+                         "or --tf_serving_url.")
+    from tfmir.serving import make_server
+
+    try:
+        server = make_server(_INDEX.value, _MODEL.value, host=_HOST.value, port=_PORT.value,
+                             k=_K.value, tf_serving_url=_TF_SERVING_URL.value,
+                             max_request_bytes=_MAX_REQUEST_BYTES.value,
+                             max_image_pixels=_MAX_IMAGE_PIXELS.value,
+                             resize_size=_RESIZE_SIZE.value)
+    except (ValueError, OSError) as error:
+        raise SystemExit(f"tfmir serve: error: {error}") from None
+    health = server.service.health()
+    print(f"Serving {health['count']} items ({health['kind']}, {health['metric']}, dimension "
+          f"{health['dimension']}; queries embedded by {server.service.embed.description}) at "
+          f"{server.url}: POST /search, GET /healthz. Ctrl-C stops.", flush=True)
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    print("Stopped.", flush=True)

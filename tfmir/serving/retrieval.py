@@ -1,0 +1,95 @@
+"""Answering top-k queries on a loaded index: shared by `tfmir search` and `tfmir serve`.
+
+- `load_index` loads an index directory and refuses one built by another model (its manifest
+  records the model fingerprint).
+- `search_sources` is `Index.search` with an optional source filter.
+- `predicted_labels` is the majority label of each query's results (deep kNN).
+
+Example:
+
+```python
+index = load_index("indexes/skin", fingerprint=embedder.fingerprint)
+results = search_sources(index, embeddings, k=8, source="skin")
+labels = predicted_labels(results)
+```
+"""
+
+from __future__ import annotations
+
+import json
+
+
+class SearchError(ValueError):
+    """A query or an index the search cannot answer, with a message that says why."""
+
+
+def load_index(directory: str, fingerprint: str | None = None):
+    """Loads an index directory, checking the model fingerprint when one is given.
+
+    Args:
+        directory: an index directory written by `tfmir index` (or `Index.save`).
+        fingerprint: the fingerprint of the model that embeds the queries; None skips the check.
+
+    Returns:
+        The loaded `tfmir.index.Index`.
+
+    Raises:
+        SearchError: the directory is not a valid index, or it was built by another model.
+    """
+    from tfmir.index import Index
+
+    try:
+        return Index.load(directory, expected_model_fingerprint=fingerprint)
+    except ValueError as error:
+        if fingerprint is not None and "model fingerprint mismatch" in str(error):
+            raise SearchError(f"the model does not match the index: {error} Use the model that "
+                              "built the index, or rebuild it with `tfmir index`.") from error
+        raise SearchError(f"cannot load the index {directory}: {error}") from error
+
+
+def search_sources(index, queries, k: int, source: str | None = None) -> list[list[dict]]:
+    """Top-k rows of each query; with `source`, only that source's rows.
+
+    The filter searches ever larger k (4 k, then doubling up to the whole index) and keeps the
+    rows of `source`, so every query gets exactly k of them, ranked 1 to k.
+
+    Args:
+        index: a `tfmir.index.Index`.
+        queries: (Q, dimension) embeddings.
+        k: results per query, at least 1 and at most the number of candidate rows.
+        source: keep only rows of this source; None keeps all.
+
+    Returns:
+        One list per query of `{"id", "label", "source", "path", "score", "rank"}`, best first.
+
+    Raises:
+        SearchError: `source` is not in the index, or it has fewer than k items.
+    """
+    if source is None:
+        return index.search(queries, k)
+    count = int((index.sources == source).sum())
+    if count == 0:
+        raise SearchError(f"source {source!r} is not in the index; its sources are "
+                          f"{sorted(set(index.sources.tolist()))}.")
+    if k > count:
+        raise SearchError(f"k={k} is larger than the {count} items of source {source!r}.")
+    wanted = min(len(index), 4 * k)
+    while True:
+        results = [[row for row in rows if row["source"] == source][:k]
+                   for rows in index.search(queries, wanted)]
+        if all(len(rows) == k for rows in results) or wanted == len(index):
+            return [[{**row, "rank": rank} for rank, row in enumerate(rows, start=1)]
+                    for rows in results]
+        wanted = min(len(index), 2 * wanted)
+
+
+def predicted_labels(results) -> list:
+    """Majority label of each query's results; ties go to the nearest (`knn_predict`)."""
+    import numpy as np
+
+    from tfmir.metrics.classification import knn_predict
+
+    names = sorted({json.dumps(row["label"]) for rows in results for row in rows})
+    code = {name: number for number, name in enumerate(names)}
+    votes = np.array([[code[json.dumps(row["label"])] for row in rows] for rows in results])
+    return [json.loads(names[winner]) for winner in knn_predict(votes, k=votes.shape[1])]

@@ -1,0 +1,371 @@
+"""`tfmir serve` over HTTP: a small JSON search service on the standard library's HTTP server.
+
+Endpoints:
+
+- `POST /search?k=8&source=skin`: the query image as the raw body (Content-Type `image/jpeg`,
+  `image/png` or `application/octet-stream`) or as the multipart/form-data field `image`.
+  Answers `{"results": [{"id", "label", "source", "path", "score", "rank"}], "predicted_label"}`,
+  the shape `tfmir search` prints per query.
+- `GET /healthz`: `{"status": "ok", "count", "kind", "metric", "dimension",
+  "model_fingerprint", "fingerprint_checked", "backend", "k", "sources"}`.
+
+Every refusal is a JSON `{"error": "..."}` that names the problem: 400 (an empty, corrupt or
+non-JPEG/PNG image, a malformed multipart body, k not an integer, below 1 or above the items
+searched, an unknown source or query parameter), 404 (unknown path), 405 (wrong method), 408
+(the body stalled), 411 (no Content-Length), 413 (a body above `max_request_bytes`, checked
+before reading it, or an image above `max_image_pixels`), 415 (another Content-Type). 5xx
+answers are server faults and are logged: 500 (a bug), 502 / 504 (TF Serving failed or timed
+out). One thread serves each connection (`ThreadingHTTPServer`, HTTP/1.1 keep-alive); the
+service is read-only, so requests run concurrently without a lock (see `SearchService`).
+
+Example:
+
+```python
+server = make_server("indexes/skin", "exported/tfmir", port=0)
+threading.Thread(target=server.serve_forever, daemon=True).start()
+host, port = server.server_address[:2]   # POST http://host:port/search
+...
+server.shutdown()
+server.server_close()
+```
+"""
+
+from __future__ import annotations
+
+import email.message
+import email.parser
+import ipaddress
+import json
+import os
+import re
+import socket
+import time
+import urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from absl import logging
+
+import tfmir
+from tfmir.serving.embedders import BackendError, RequestError
+from tfmir.serving.service import DEFAULT_MAX_IMAGE_PIXELS, SearchService
+
+DEFAULT_MAX_REQUEST_BYTES = 32 * 1024 * 1024
+IMAGE_CONTENT_TYPES = ("image/jpeg", "image/png", "application/octet-stream")
+MULTIPART_CONTENT_TYPE = "multipart/form-data"
+MULTIPART_FIELD = "image"
+ROUTES = {"/search": "POST", "/healthz": "GET"}
+QUERY_PARAMETERS = ("k", "source")
+# A refused request whose body was not read: keep reading (and dropping) what the client still
+# sends for this long before closing, or the close resets the connection and the client may lose
+# the answer (what web servers call a lingering close).
+_LINGER_SECONDS = 5.0
+_LINGER_IDLE_SECONDS = 1.0
+
+
+class SearchServer(ThreadingHTTPServer):
+    """The HTTP server of a `SearchService`; `make_server` builds one.
+
+    Args:
+        address: (host, port) to bind; port 0 picks a free port (see `server_address`).
+        service: the loaded `SearchService`.
+        max_request_bytes: larger request bodies are refused (413) without being read.
+    """
+
+    daemon_threads = True
+    request_queue_size = 64
+
+    def __init__(self, address: tuple[str, int], service: SearchService, *,
+                 max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES):
+        _check_max_request_bytes(max_request_bytes)
+        self.service = service
+        self.max_request_bytes = max_request_bytes
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        super().__init__(address, _SearchHandler)
+
+    @property
+    def url(self) -> str:
+        """The base URL the server answers on, e.g. `http://127.0.0.1:8080`."""
+        host, port = self.server_address[:2]
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def make_server(index_dir: str | os.PathLike, model: str | os.PathLike | None, *,
+                host: str = "127.0.0.1", port: int = 0, k: int = 8,
+                tf_serving_url: str | None = None,
+                max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+                max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                resize_size: int | None = None) -> SearchServer:
+    """Loads an index and its model and returns a bound, not yet serving, `SearchServer`.
+
+    Args:
+        index_dir: an index directory written by `tfmir index`.
+        model: the model that built the index (SavedModel export or `.keras` checkpoint; its
+            fingerprint is checked against the index). With `tf_serving_url` it may be None,
+            and then only the embedding dimension is checked (a warning says so).
+        host: address to listen on; the loopback interface by default.
+        port: port to listen on; 0 picks a free one (read it from `server_address`).
+        k: results per query when a request gives no `k`.
+        tf_serving_url: embed queries with TF Serving at this model URL (e.g.
+            `http://localhost:8501/v1/models/tfmir`) instead of in-process.
+        max_request_bytes: larger request bodies are refused (413) before being read.
+        max_image_pixels: images whose header gives more pixels are refused (413) before being
+            decoded.
+        resize_size: resize side for a `.keras` model (default: its `config.json`).
+
+    Returns:
+        The server: `serve_forever()` to serve, `shutdown()` (from another thread) to stop,
+        `server_close()` to release the socket.
+
+    Raises:
+        ValueError: (`SearchError`) the index, the model or TF Serving is unusable or they do not
+            belong together; OSError: the address cannot be bound.
+
+    Example:
+
+    ```python
+    server = make_server("indexes/skin", "exported/tfmir", port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    print(server.url)   # http://127.0.0.1:<port>
+    ```
+    """
+    _check_max_request_bytes(max_request_bytes)
+    service = SearchService.load(index_dir, model, k=k, tf_serving_url=tf_serving_url,
+                                 max_image_pixels=max_image_pixels, resize_size=resize_size)
+    if not _is_loopback(host):
+        logging.warning("Serving on %s, not the loopback interface: whoever can reach it can "
+                        "search the archive. Put it behind an authenticating proxy.", host)
+    return SearchServer((host, port), service, max_request_bytes=max_request_bytes)
+
+
+def _check_max_request_bytes(value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError("max_request_bytes must be a positive integer. "
+                         f"Received: max_request_bytes={value!r}")
+
+
+def _byte_count(value: str | None) -> int | None:
+    """A Content-Length value as an int; None when it is not a plain decimal count."""
+    value = (value or "").strip()
+    return int(value) if re.fullmatch(r"[0-9]{1,20}", value) else None
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class _SearchHandler(BaseHTTPRequestHandler):
+    """One connection: routes the request, answers JSON, never lets an error escape."""
+
+    server_version = f"tfmir-serve/{tfmir.__version__}"
+    protocol_version = "HTTP/1.1"  # keep-alive, and `Expect: 100-continue` (curl, large bodies)
+    timeout = 60  # seconds a client may stall (socket timeout); frees the thread afterwards
+
+    def do_GET(self):  # noqa: N802 (the names BaseHTTPRequestHandler dispatches to)
+        self._answer()
+
+    do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = do_GET
+
+    def log_message(self, format, *args):  # noqa: A002 (the base class's signature)
+        logging.info("%s %s", self.address_string(), format % args)
+
+    def handle_expect_100(self) -> bool:
+        # Refuse a missing, malformed or too large Content-Length before the client sends the
+        # body; otherwise let it send (100 Continue).
+        length = _byte_count(self.headers.get("Content-Length"))
+        if length is not None and length <= self.server.max_request_bytes:
+            return super().handle_expect_100()
+        self._answer()
+        return False
+
+    def _answer(self) -> None:
+        self._body_unread = self._announces_body()
+        headers = {}
+        try:
+            status, payload = 200, self._route()
+        except RequestError as error:
+            status, payload, headers = error.status, {"error": error.message}, error.headers
+        except BackendError as error:
+            logging.error("%s %s: %s", self.command, self.path, error)
+            status, payload = error.status, {"error": str(error)}
+        except Exception:  # a bug: log it, answer 500, keep serving
+            logging.exception("Internal error answering %s %s", self.command, self.path)
+            status, payload = 500, {"error": "internal server error; the details are in the "
+                                             "server log."}
+        self._send_json(status, payload, headers)
+
+    def _route(self) -> dict:
+        url = urllib.parse.urlsplit(self.path)
+        method = ROUTES.get(url.path)
+        if method is None:
+            raise RequestError(404, f"unknown path {url.path!r}: use POST /search or "
+                                    "GET /healthz.")
+        if self.command != method:
+            raise RequestError(405, f"{self.command} is not allowed on {url.path}: use {method}.",
+                               headers={"Allow": method})
+        if url.path == "/healthz":
+            return self.server.service.health()
+        body = self._read_body()  # first, so that a refusal can keep the connection open
+        k, source = _query_parameters(url.query)
+        image = _image_from_body(self.headers.get("Content-Type"), body)
+        return self.server.service.search(image, k=k, source=source)
+
+    def _announces_body(self) -> bool:
+        length = self.headers.get("Content-Length")
+        if length is None:
+            return "Transfer-Encoding" in self.headers or self.command in ("POST", "PUT", "PATCH")
+        return length.strip() != "0"
+
+    def _read_body(self) -> bytes:
+        if "Transfer-Encoding" in self.headers:
+            raise RequestError(411, "a body without Content-Length (Transfer-Encoding: "
+                                    f"{self.headers['Transfer-Encoding']}) is not accepted; "
+                                    "send Content-Length.")
+        value = self.headers.get("Content-Length")
+        if value is None:
+            raise RequestError(411, "Content-Length is required: send the image as the body with "
+                                    "its length.")
+        length = _byte_count(value)
+        if length is None:
+            raise RequestError(400, f"Content-Length must be a byte count. Received: {value!r}")
+        limit = self.server.max_request_bytes
+        if length > limit:
+            raise RequestError(413, f"the request body is {length} bytes, more than "
+                                    f"max_request_bytes={limit}.")
+        try:
+            body = self.rfile.read(length)
+        except TimeoutError as error:
+            self.close_connection = True
+            raise RequestError(408, f"the request body stalled for {self.timeout} s.") from error
+        self._body_unread = False
+        if len(body) != length:
+            raise RequestError(400, f"the request body ended after {len(body)} of the {length} "
+                                    "bytes announced by Content-Length.")
+        return body
+
+    def _send_json(self, status: int, payload: dict, headers: dict) -> None:
+        body = json.dumps(payload, ensure_ascii=False).encode("utf-8")
+        try:
+            self.send_response(status)
+            for name, value in headers.items():
+                self.send_header(name, value)
+            self.send_header("Content-Type", "application/json; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            if self._body_unread or self.close_connection:
+                self.send_header("Connection", "close")  # the unread body ends the connection
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+            self.wfile.flush()
+            if self._body_unread:
+                self._linger()
+        except (BrokenPipeError, ConnectionResetError, TimeoutError) as error:
+            logging.info("%s left before the answer was sent: %s", self.address_string(), error)
+
+    def _linger(self) -> None:
+        """Reads and drops the unread body for a while, so closing does not reset the answer."""
+        connection = self.connection
+        connection.shutdown(socket.SHUT_WR)
+        connection.settimeout(_LINGER_IDLE_SECONDS)
+        deadline = time.monotonic() + _LINGER_SECONDS
+        try:
+            while time.monotonic() < deadline and connection.recv(65536):
+                pass
+        except OSError:  # timed out or reset: the client has what it needs
+            pass
+
+
+def _query_parameters(query: str) -> tuple[int | None, str | None]:
+    """`k` (an int) and `source` from the query string; anything else is refused."""
+    try:
+        parameters = urllib.parse.parse_qs(query, keep_blank_values=True, strict_parsing=False,
+                                           errors="strict")
+    except UnicodeDecodeError as error:
+        raise RequestError(400, f"the query string is not UTF-8: {error}") from error
+    unknown = sorted(set(parameters) - set(QUERY_PARAMETERS))
+    if unknown:
+        raise RequestError(400, f"unknown query parameter(s) {unknown}; the known ones are "
+                                f"{list(QUERY_PARAMETERS)}.")
+    repeated = sorted(name for name, values in parameters.items() if len(values) > 1)
+    if repeated:
+        raise RequestError(400, f"query parameter(s) {repeated} given more than once.")
+    k = None
+    if "k" in parameters:
+        value = parameters["k"][0].strip()
+        if not re.fullmatch(r"[+-]?\d{1,18}", value):
+            raise RequestError(400, f"k must be an integer. Received: k={value!r}")
+        k = int(value)
+    source = parameters.get("source", [None])[0]
+    if source == "":
+        raise RequestError(400, "source is empty: give a source name or leave it out.")
+    return k, source
+
+
+def _header(name: str, value: str) -> email.message.Message:
+    message = email.message.Message()
+    message[name] = value
+    return message
+
+
+def _image_from_body(content_type: str | None, body: bytes) -> bytes:
+    """The image bytes: the body itself, or the `image` field of a multipart/form-data body."""
+    accepted = (f"send the image as the body with Content-Type {', '.join(IMAGE_CONTENT_TYPES)}, "
+                f"or as the {MULTIPART_CONTENT_TYPE} field {MULTIPART_FIELD!r}.")
+    if not content_type:
+        raise RequestError(415, f"the request has no Content-Type: {accepted}")
+    header = _header("Content-Type", content_type)
+    media_type = header.get_content_type()
+    if media_type in IMAGE_CONTENT_TYPES:
+        return body
+    if media_type != MULTIPART_CONTENT_TYPE:
+        raise RequestError(415, f"Content-Type {media_type} is not supported: {accepted}")
+    boundary = header.get_param("boundary")
+    if not boundary or not isinstance(boundary, str):
+        raise RequestError(400, f"{MULTIPART_CONTENT_TYPE} without a boundary parameter.")
+    return multipart_field(body, boundary, MULTIPART_FIELD)
+
+
+def multipart_field(body: bytes, boundary: str, name: str) -> bytes:
+    """The contents of the form field `name` of a multipart/form-data body (RFC 7578).
+
+    Parsed directly on bytes so that binary file contents come back unchanged.
+
+    Args:
+        body: the request body.
+        boundary: the `boundary` parameter of its Content-Type.
+        name: the field name.
+
+    Returns:
+        The field's bytes.
+
+    Raises:
+        RequestError: 400 for a malformed body or a missing field.
+    """
+    if not boundary.isascii():
+        raise RequestError(400, f"the {MULTIPART_CONTENT_TYPE} boundary is not ASCII.")
+    delimiter = b"--" + boundary.encode("ascii")
+    parts = body.split(delimiter)
+    if len(parts) < 3:  # preamble, at least one part, the closing "--"
+        raise RequestError(400, f"malformed {MULTIPART_CONTENT_TYPE} body: it does not hold "
+                                "parts separated by its boundary.")
+    names = []
+    for part in parts[1:]:
+        if part.startswith(b"--"):  # the closing delimiter
+            break
+        head, separator, contents = part.removeprefix(b"\r\n").partition(b"\r\n\r\n")
+        if not separator:
+            raise RequestError(400, f"malformed {MULTIPART_CONTENT_TYPE} body: a part has no "
+                                    "blank line after its headers.")
+        headers = email.parser.BytesHeaderParser().parsebytes(head + b"\r\n\r\n")
+        part_name = headers.get_param("name", header="content-disposition")
+        if part_name == name:
+            return contents.removesuffix(b"\r\n")
+        names.append(part_name)
+    raise RequestError(400, f"the {MULTIPART_CONTENT_TYPE} body has no field {name!r} (fields: "
+                            f"{names}); send the image as that field, e.g. "
+                            f"curl -F {name}=@query.jpg.")
