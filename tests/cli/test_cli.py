@@ -28,6 +28,17 @@ def test_usage_lists_the_commands():
     assert unknown.returncode == 2 and "unknown command 'frobnicate'" in unknown.stderr
 
 
+@pytest.mark.parametrize("command", ["train", "search"])
+def test_command_help_lists_its_flags(command):
+    result = tfmir(command, "--help")  # absl exits with 1 after --help
+    help_text = result.stdout + result.stderr
+    assert f"tfmir {command}" in help_text
+    # Flags defined by that command's module, not just absl's "Try --helpfull".
+    expected = {"train": ["--workdir", "--preset"], "search": ["--index", "--k"]}[command]
+    for flag in expected:
+        assert flag + ":" in help_text, help_text[-2000:]
+
+
 def test_train_writes_models_and_test_table(shared_data_dir, tmp_path):
     workdir = tmp_path / "run"
     result = tfmir("train", f"--data=retina={shared_data_dir / 'retinamnist' / 'retinamnist.npz'}",

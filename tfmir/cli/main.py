@@ -24,7 +24,7 @@ def usage() -> str:
 
 def run(argv=None) -> None:
     """Entry point of the `tfmir` console script."""
-    from absl import app
+    from absl import app, flags
 
     argv = list(sys.argv if argv is None else argv)
     if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
@@ -35,7 +35,13 @@ def run(argv=None) -> None:
         print(f"tfmir: unknown command {command!r}.\n\n{usage()}", file=sys.stderr)
         sys.exit(2)
     module = importlib.import_module(COMMANDS[command][0])
-    app.run(module.main, argv=[f"tfmir {command}"] + argv[2:])
+    program = f"tfmir {command}"
+    # absl's --help lists the key flags of the module named by sys.argv[0]: make the command's
+    # flags those, or `tfmir <command> --help` would only say "Try --helpfull".
+    sys.argv[0] = program
+    for flag in flags.FLAGS.flags_by_module_dict().get(module.__name__, []):
+        flags.FLAGS.register_key_flag_for_module(program, flag)
+    app.run(module.main, argv=[program] + argv[2:])
 
 
 if __name__ == "__main__":
