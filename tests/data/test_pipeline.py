@@ -11,6 +11,7 @@ from PIL import Image
 from tfmir.data import (
     ClassBalancedSampler,
     Examples,
+    SourceAwareSampler,
     decode_image,
     load_image_folder,
     load_medmnist_npz,
@@ -269,3 +270,34 @@ def test_files_on_disk_with_sampler(tmp_path):
         assert images.shape == (4, 4, 4, 3)
         np.testing.assert_allclose(images.numpy()[:, 0, 0, 0], 10.0 * indices, atol=1e-3)
         assert labels.numpy().tolist() == (indices % 2).tolist()
+
+
+def test_source_indices_follow_source_names_in_memory_and_on_disk(tmp_path):
+    # Sources out of alphabetical order: the index is the position in the sorted source_names.
+    sources = np.array(["xray", "derm", "retina", "derm", "xray", "retina"] * 2)
+    labels = np.searchsorted(["derm", "retina", "xray"], sources) * 2 + np.arange(12) % 2
+    in_memory = _indexed_examples(12, labels=labels)
+    in_memory = Examples(labels=labels, sources=sources, ids=in_memory.ids,
+                         class_names=tuple(str(i) for i in range(6)), images=in_memory.images)
+    _write_indexed_files(tmp_path / "files", [(".png", "RGB")] * 12)
+    files = load_image_folder(tmp_path / "files")
+    on_disk = Examples(labels=labels, sources=sources, ids=files.ids,
+                       class_names=in_memory.class_names, paths=files.paths)
+    expected_index = {"derm": 0, "retina": 1, "xray": 2}
+    for examples, pixel_scale in [(in_memory, 1.0), (on_disk, 10.0)]:
+        evaluation = make_dataset(examples, training=False, batch_size=5, image_size=4,
+                                  resize_size=6, with_sources=True)
+        source_indices = np.concatenate([indices.numpy() for _, _, indices in evaluation])
+        assert source_indices.dtype == np.int32
+        assert source_indices.tolist() == [expected_index[name] for name in sources]
+        sampler = SourceAwareSampler(labels, sources, num_classes_per_batch=2, num_per_class=2)
+        training = make_dataset(examples, training=True, sampler=sampler, image_size=4,
+                                resize_size=6, with_sources=True)
+        for (images, batch_labels, batch_sources), indices in zip(training.take(4), sampler):
+            np.testing.assert_allclose(images.numpy()[:, 0, 0, 0], pixel_scale * indices,
+                                       atol=1e-3)
+            assert batch_labels.numpy().tolist() == labels[indices].tolist()
+            assert batch_sources.numpy().tolist() == [expected_index[name]
+                                                      for name in sources[indices]]
+    with pytest.raises(ValueError, match="with_sources=True needs with_labels=True"):
+        make_dataset(in_memory, training=False, with_labels=False, with_sources=True)

@@ -207,7 +207,8 @@ def preprocess_image(image: tf.Tensor, *, training: bool, image_size: int = 224,
 def make_dataset(examples: Examples, *, training: bool, batch_size: int | None = None,
                  sampler: ClassBalancedSampler | SourceAwareSampler | None = None,
                  image_size: int = 224, resize_size: int = 256,
-                 with_labels: bool = True, shuffle: bool | None = None, seed: int = 0,
+                 with_labels: bool = True, with_sources: bool = False,
+                 shuffle: bool | None = None, seed: int = 0,
                  num_parallel_calls: int = AUTOTUNE,
                  deterministic: bool | None = None) -> tf.data.Dataset:
     """Builds the tf.data pipeline of `examples`: images (and labels) in batches.
@@ -232,6 +233,8 @@ def make_dataset(examples: Examples, *, training: bool, batch_size: int | None =
         image_size: side S of the output images.
         resize_size: side images are resized to before cropping.
         with_labels: yield (images, labels) or images only.
+        with_sources: also yield each item's source index, its position in
+            `examples.source_names`: (images, labels, source_indices). Needs `with_labels`.
         shuffle: shuffle the order (default: `training`); not allowed with a sampler.
         seed: the seed of shuffling and augmentation.
         num_parallel_calls: parallelism of the decode/augment map.
@@ -239,7 +242,8 @@ def make_dataset(examples: Examples, *, training: bool, batch_size: int | None =
             Files read for a sampler are always kept in order so batches stay the sampler's.
 
     Returns:
-        A dataset of (float32 (B, S, S, 3) in [0, 255], int64 (B,)) or images only, prefetched.
+        A dataset of (float32 (B, S, S, 3) in [0, 255], int64 (B,) labels), with an int32 (B,)
+        source index as third element when `with_sources`, or of images only; prefetched.
 
     Example:
 
@@ -253,6 +257,9 @@ def make_dataset(examples: Examples, *, training: bool, batch_size: int | None =
     if image_size < 1 or resize_size < image_size:
         raise ValueError("image_size must be positive and resize_size >= image_size. Received: "
                          f"image_size={image_size}, resize_size={resize_size}")
+    if with_sources and not with_labels:
+        raise ValueError("with_sources=True needs with_labels=True: elements are "
+                         "(images, labels, source_indices)")
     if batch_size is not None and (int(batch_size) != batch_size or batch_size < 1):
         raise ValueError("batch_size must be a positive integer. "
                          f"Received: batch_size={batch_size!r}")
@@ -286,9 +293,15 @@ def make_dataset(examples: Examples, *, training: bool, batch_size: int | None =
         indices_batched = False
 
     labels = tf.convert_to_tensor(examples.labels, dtype=tf.int64)
+    if with_sources:
+        source_names = np.asarray(examples.source_names, dtype=str)
+        source_indices = tf.convert_to_tensor(
+            np.searchsorted(source_names, examples.sources.astype(str)), dtype=tf.int32)
     base_seed = tf.constant(seed, dtype=tf.int64)
 
     def finish(index, images):
+        if with_sources:
+            return images, tf.gather(labels, index), tf.gather(source_indices, index)
         return (images, tf.gather(labels, index)) if with_labels else images
 
     if examples.in_memory:

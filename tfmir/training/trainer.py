@@ -1,4 +1,8 @@
-"""Trains an embedder with Multi-Similarity on class-balanced batches, resumable and evaluated per epoch."""
+"""Trains an embedder with Multi-Similarity on class-balanced batches, resumable and evaluated per epoch.
+
+The helpers here (schedule from a preset, work folder, callbacks, fit and save) are shared with
+`tfmir.training.distillation.train_universal`, so both trainers write the same files and log keys.
+"""
 
 from __future__ import annotations
 
@@ -27,10 +31,10 @@ MONITOR = "val_recall@1"
 
 @dataclasses.dataclass
 class TrainingResult:
-    """What `train_embedder` produced.
+    """What `train_embedder` or `train_universal` produced.
 
     Attributes:
-        model: the embedder after the last epoch.
+        model: the embedder after the last epoch (for `train_universal`, the student).
         history: per-epoch logs of the whole run (across resumes), read back from the CSV log.
         initial_epoch: the epoch training started from (> 0 when it resumed from a backup).
         best_path: the best checkpoint by validation Recall@1 (None without a validation split).
@@ -104,6 +108,98 @@ def _sharded(dataset: tf.data.Dataset) -> tf.data.Dataset:
     return dataset.with_options(options)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Schedule:
+    """A preset with the caller's overrides applied."""
+
+    model_config: dict
+    resize_size: int
+    epochs: int
+    steps_per_epoch: int
+    learning_rate: float
+    num_classes_per_batch: int
+    num_per_class: int
+
+
+def _resolve_schedule(preset: str, model_overrides: dict | None, *, epochs, steps_per_epoch,
+                      learning_rate, num_classes_per_batch, num_per_class) -> _Schedule:
+    settings = get_preset(preset)
+    model_config = {**settings["model"], **(model_overrides or {})}
+    schedule = settings["training"]
+    resize_size = settings["data"]["resize_size"]
+    if model_config["image_size"] != settings["model"]["image_size"]:
+        resize_size = int(round(model_config["image_size"] * resize_size
+                                / settings["model"]["image_size"]))
+    return _Schedule(
+        model_config=model_config, resize_size=resize_size,
+        epochs=epochs or schedule["epochs"],
+        steps_per_epoch=steps_per_epoch or schedule["steps_per_epoch"],
+        learning_rate=learning_rate or schedule["learning_rate"],
+        num_classes_per_batch=num_classes_per_batch or schedule["num_classes_per_batch"],
+        num_per_class=num_per_class or schedule["num_per_class"])
+
+
+def _check_splits(train: Examples, val: Examples | None) -> None:
+    if len(train) == 0:
+        raise ValueError("the training split is empty; expected at least one labelled image.")
+    if val is not None and len(val) == 0:
+        raise ValueError("the validation split is empty; pass val=None to train without it.")
+
+
+def _prepare_workdir(workdir: os.PathLike, config: dict) -> tuple[pathlib.Path, int]:
+    """Creates `workdir`, writes its config.json; returns it and the epoch a backup resumes from."""
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(json.dumps(config, indent=2, default=str))
+    return workdir, _backed_up_epoch(workdir / BACKUP_DIR)
+
+
+class _SavedModelCheckpoint(keras.callbacks.ModelCheckpoint):
+    """`ModelCheckpoint` that writes `saved_model` (e.g. the student a distiller trains)."""
+
+    def __init__(self, saved_model: keras.Model, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._saved_model = saved_model
+
+    def set_model(self, model):
+        super().set_model(self._saved_model)
+
+
+def _fit(model: keras.Model, dataset: tf.data.Dataset, *, saved_model: keras.Model,
+         workdir: pathlib.Path, val: Examples | None, schedule: _Schedule, initial_epoch: int,
+         eval_ks, verbose: int, callbacks) -> tuple[pathlib.Path | None, pathlib.Path]:
+    """Fits `model` with tfmir's callbacks; `saved_model` goes to best.keras and final.keras.
+
+    Every epoch: Recall@K on `val`, the best `saved_model` by validation Recall@1, a backup of
+    `model` and its optimizer (resumed from when `initial_epoch` > 0), a CSV and TensorBoard row.
+
+    Returns:
+        (best_path or None without `val`, final_path).
+    """
+    resuming = initial_epoch > 0
+    previous = read_log(workdir / LOG_FILE) if resuming else {}
+    all_callbacks = []
+    best_path = None
+    if val is not None:
+        all_callbacks.append(RetrievalEvaluation(val, resize_size=schedule.resize_size, ks=eval_ks))
+        best_path = workdir / BEST_MODEL
+        best_so_far = max(previous.get(MONITOR, [-np.inf]))
+        all_callbacks.append(_SavedModelCheckpoint(
+            saved_model, str(best_path), monitor=MONITOR, mode="max", save_best_only=True,
+            initial_value_threshold=None if not np.isfinite(best_so_far) else best_so_far))
+    all_callbacks += [
+        keras.callbacks.BackupAndRestore(str(workdir / BACKUP_DIR), double_checkpoint=True),
+        keras.callbacks.CSVLogger(str(workdir / LOG_FILE), append=resuming),
+        keras.callbacks.TensorBoard(str(workdir / "tensorboard"), write_graph=False),
+        *callbacks,
+    ]
+    model.fit(dataset, epochs=schedule.epochs, steps_per_epoch=schedule.steps_per_epoch,
+              callbacks=all_callbacks, verbose=verbose, shuffle=False)
+    final_path = workdir / FINAL_MODEL
+    saved_model.save(str(final_path))
+    return best_path, final_path
+
+
 def train_embedder(train: Examples, val: Examples | None, *, workdir: os.PathLike,
                    preset: str = "cpu", epochs: int | None = None,
                    steps_per_epoch: int | None = None, learning_rate: float | None = None,
@@ -144,33 +240,20 @@ def train_embedder(train: Examples, val: Examples | None, *, workdir: os.PathLik
     Returns:
         A `TrainingResult`.
     """
-    settings = get_preset(preset)
-    model_config = {**settings["model"], **(model_overrides or {})}
-    schedule = settings["training"]
-    epochs = epochs or schedule["epochs"]
-    steps_per_epoch = steps_per_epoch or schedule["steps_per_epoch"]
-    learning_rate = learning_rate or schedule["learning_rate"]
-    num_classes_per_batch = num_classes_per_batch or schedule["num_classes_per_batch"]
-    num_per_class = num_per_class or schedule["num_per_class"]
-    resize_size = settings["data"]["resize_size"]
-    if model_config["image_size"] != settings["model"]["image_size"]:
-        resize_size = int(round(model_config["image_size"] * resize_size / settings["model"]["image_size"]))
-    if len(train) == 0:
-        raise ValueError("the training split is empty; expected at least one labelled image.")
-    if val is not None and len(val) == 0:
-        raise ValueError("the validation split is empty; pass val=None to train without it.")
-
-    workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    initial_epoch = _backed_up_epoch(workdir / BACKUP_DIR)
-    resuming = initial_epoch > 0
-    (workdir / "config.json").write_text(json.dumps({
-        "preset": preset, "model": model_config, "resize_size": resize_size, "epochs": epochs,
-        "steps_per_epoch": steps_per_epoch, "learning_rate": learning_rate,
-        "num_classes_per_batch": num_classes_per_batch, "num_per_class": num_per_class,
-        "source_weights": source_weights, "sampling": sampling, "strategy": strategy,
-        "mixed_precision": mixed_precision, "seed": seed,
-    }, indent=2, default=str))
+    schedule = _resolve_schedule(preset, model_overrides, epochs=epochs,
+                                 steps_per_epoch=steps_per_epoch, learning_rate=learning_rate,
+                                 num_classes_per_batch=num_classes_per_batch,
+                                 num_per_class=num_per_class)
+    _check_splits(train, val)
+    workdir, initial_epoch = _prepare_workdir(workdir, {
+        "preset": preset, "model": schedule.model_config, "resize_size": schedule.resize_size,
+        "epochs": schedule.epochs, "steps_per_epoch": schedule.steps_per_epoch,
+        "learning_rate": schedule.learning_rate,
+        "num_classes_per_batch": schedule.num_classes_per_batch,
+        "num_per_class": schedule.num_per_class, "source_weights": source_weights,
+        "sampling": sampling, "strategy": strategy, "mixed_precision": mixed_precision,
+        "seed": seed,
+    })
 
     # First, before any TensorFlow op runs: multi-worker collectives are configured at startup.
     distribution = make_strategy(strategy)
@@ -180,38 +263,21 @@ def train_embedder(train: Examples, val: Examples | None, *, workdir: os.PathLik
         keras.mixed_precision.set_global_policy("mixed_bfloat16")
     try:
         # A resumed run draws new batches rather than replaying the epochs it already saw.
-        sampler = make_sampler(train, num_classes_per_batch=num_classes_per_batch,
-                               num_per_class=num_per_class, source_weights=source_weights,
+        sampler = make_sampler(train, num_classes_per_batch=schedule.num_classes_per_batch,
+                               num_per_class=schedule.num_per_class, source_weights=source_weights,
                                sampling=sampling, seed=seed + initial_epoch)
         dataset = _sharded(make_dataset(train, training=True, sampler=sampler,
-                                        image_size=model_config["image_size"],
-                                        resize_size=resize_size, seed=seed))
+                                        image_size=schedule.model_config["image_size"],
+                                        resize_size=schedule.resize_size, seed=seed))
         with distribution.scope():
-            model = Embedder(**model_config)
-            model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=MultiSimilarity())
-
-        previous = read_log(workdir / LOG_FILE) if resuming else {}
-        all_callbacks = []
-        best_path = None
-        if val is not None:
-            all_callbacks.append(RetrievalEvaluation(val, resize_size=resize_size, ks=eval_ks))
-            best_path = workdir / BEST_MODEL
-            best_so_far = max(previous.get(MONITOR, [-np.inf]))
-            all_callbacks.append(keras.callbacks.ModelCheckpoint(
-                str(best_path), monitor=MONITOR, mode="max", save_best_only=True,
-                initial_value_threshold=None if not np.isfinite(best_so_far) else best_so_far))
-        all_callbacks += [
-            keras.callbacks.BackupAndRestore(str(workdir / BACKUP_DIR), double_checkpoint=True),
-            keras.callbacks.CSVLogger(str(workdir / LOG_FILE), append=resuming),
-            keras.callbacks.TensorBoard(str(workdir / "tensorboard"), write_graph=False),
-            *callbacks,
-        ]
-        model.fit(dataset, epochs=epochs, steps_per_epoch=steps_per_epoch,
-                  callbacks=all_callbacks, verbose=verbose, shuffle=False)
-        final_path = workdir / FINAL_MODEL
-        model.save(str(final_path))
+            model = Embedder(**schedule.model_config)
+            model.compile(optimizer=keras.optimizers.Adam(schedule.learning_rate),
+                          loss=MultiSimilarity())
+        best_path, final_path = _fit(model, dataset, saved_model=model, workdir=workdir, val=val,
+                                     schedule=schedule, initial_epoch=initial_epoch,
+                                     eval_ks=eval_ks, verbose=verbose, callbacks=callbacks)
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
     return TrainingResult(model=model, history=read_log(workdir / LOG_FILE),
                           initial_epoch=initial_epoch, best_path=best_path, final_path=final_path,
-                          resize_size=resize_size)
+                          resize_size=schedule.resize_size)
