@@ -93,6 +93,14 @@ def test_demo_smoke_prints_both_domains_and_writes_a_gallery(tmp_path):
     assert (tmp_path / "gallery.png").stat().st_size > 0
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results["test_recall"]) == {"untrained", "trained"}
+    recall = results["test_recall"]
+    for source in ("retina", "xray"):
+        gain = results["recall@1_gain"][source]
+        # The paired per-query difference is the difference of the two tables' Recall@1.
+        assert gain["difference"] == pytest.approx(
+            recall["trained"][source]["recall@1"] - recall["untrained"][source]["recall@1"])
+        assert gain["low"] <= gain["difference"] <= gain["high"] and gain["num_queries"] == 400
+        assert f"  {source}: {100 * gain['difference']:+.1f} points" in result.stdout
 
 
 def test_source_weights_flag_parsing():

@@ -6,6 +6,7 @@ import pytest
 from tfmir.metrics import map_at_k
 from tfmir.metrics import precision_at_k
 from tfmir.metrics import recall_at_k
+from tfmir.metrics import recall_hits
 from tfmir.metrics import retrieval_metrics
 
 # Four queries, five ranked neighbours each (labels), best first.
@@ -27,6 +28,12 @@ def test_recall_at_k_by_hand():
     assert recall_at_k(QUERY_LABELS, NEIGHBOR_LABELS, 2) == 0.5
     assert recall_at_k(QUERY_LABELS, NEIGHBOR_LABELS, 4) == 0.5
     assert recall_at_k(QUERY_LABELS, NEIGHBOR_LABELS, 5) == 0.75
+
+
+def test_recall_hits_by_hand():
+    # Per query: a relevant item within the first k (see the ranks above).
+    assert recall_hits(QUERY_LABELS, NEIGHBOR_LABELS, 1).tolist() == [True, False, False, False]
+    assert recall_hits(QUERY_LABELS, NEIGHBOR_LABELS, 5).tolist() == [True, True, False, True]
 
 
 def test_precision_at_k_by_hand():

@@ -1,11 +1,13 @@
 """Retrieval and classification metrics."""
 
+from tfmir.metrics.bootstrap import paired_bootstrap
 from tfmir.metrics.classification import classification_metrics
 from tfmir.metrics.classification import knn_classification
 from tfmir.metrics.classification import knn_predict
 from tfmir.metrics.retrieval import map_at_k
 from tfmir.metrics.retrieval import precision_at_k
 from tfmir.metrics.retrieval import recall_at_k
+from tfmir.metrics.retrieval import recall_hits
 from tfmir.metrics.retrieval import retrieval_metrics
 
 __all__ = [
@@ -13,7 +15,9 @@ __all__ = [
     "knn_classification",
     "knn_predict",
     "map_at_k",
+    "paired_bootstrap",
     "precision_at_k",
     "recall_at_k",
+    "recall_hits",
     "retrieval_metrics",
 ]

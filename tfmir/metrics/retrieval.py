@@ -34,8 +34,27 @@ def recall_at_k(query_labels, neighbor_labels, k: int) -> float:
         Embedding", CVPR 2016, https://arxiv.org/abs/1511.06452 — the protocol
         of the universal multi-source MIR distillation paper (DESIGN.md).
     """
-    relevant = _relevance(query_labels, neighbor_labels, k)
-    return float(np.mean(np.any(relevant, axis=1)))
+    return float(np.mean(recall_hits(query_labels, neighbor_labels, k)))
+
+
+def recall_hits(query_labels, neighbor_labels, k: int) -> np.ndarray:
+    """Per query, whether a same-class item is among the first k (Recall@k before the mean).
+
+    Args:
+        query_labels: Labels of the queries, shape (Q,) or (Q, 1).
+        neighbor_labels: Labels of each query's neighbours, best first, (Q, K'), K' >= k.
+        k: Number of leading neighbours to look at.
+
+    Returns:
+        Boolean array (Q,); its mean is `recall_at_k`. Paired per-query outcomes of two models
+        on the same queries are what `paired_bootstrap` compares.
+
+    Example:
+
+    >>> recall_hits([0, 1], [[1, 0], [0, 0]], k=2).tolist()
+    [True, False]
+    """
+    return np.any(_relevance(query_labels, neighbor_labels, k), axis=1)
 
 
 def precision_at_k(query_labels, neighbor_labels, k: int) -> float:
