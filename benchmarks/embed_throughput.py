@@ -33,10 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
-import platform
-import resource
 import statistics
 import sys
 import tempfile
@@ -49,7 +46,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-import tfmir  # noqa: E402
+import measure  # noqa: E402  (benchmarks/measure.py, beside this script)
 from tfmir.data import make_dataset  # noqa: E402
 from tfmir.losses import MultiSimilarity  # noqa: E402
 from tfmir.models import Embedder, get_preset  # noqa: E402
@@ -92,64 +89,10 @@ _RECALL_STEPS = flags.DEFINE_integer("recall_steps_per_epoch", 100,
 _RECALL_SEEDS = flags.DEFINE_list("recall_seeds", ["0"], "Seeds of the Recall@1 trainings; "
                                   "each seed trains every precision.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of weights, sampling and augmentation.")
-_MAX_OTHERS = flags.DEFINE_float(
-    "max_others", 0.25, "A timed run during which other processes used more cores than this is "
-    "disturbed and timed again (up to 3 x --repeats runs per figure).")
 _OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Also write every figure here.")
 
 
 # --- Measuring --------------------------------------------------------------------------------
-
-def _busy_seconds() -> float:
-    """CPU seconds all processes have used on this machine (from /proc/stat)."""
-    try:
-        with open("/proc/stat") as stream:
-            fields = [int(value) for value in stream.readline().split()[1:]]
-    except OSError:
-        return float("nan")
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
-def _own_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-@dataclasses.dataclass
-class Timing:
-    """One timed run: wall seconds and the cores other processes kept busy meanwhile."""
-
-    seconds: float
-    others: float
-
-
-def _timed(function) -> Timing:
-    busy, own, start = _busy_seconds(), _own_seconds(), time.perf_counter()
-    function()
-    seconds = time.perf_counter() - start
-    others = (_busy_seconds() - busy - (_own_seconds() - own)) / seconds
-    return Timing(seconds, max(others, 0.0))
-
-
-def _summary(timings, work: float, unit: str, repeats: int) -> dict:
-    """Median rate (work / seconds) of the undisturbed timed runs, with spread and others' load.
-
-    A run is disturbed when other processes used more than --max_others cores meanwhile. With
-    fewer than `repeats` undisturbed runs every run counts and the figure is marked disturbed.
-    """
-    clean = [timing for timing in timings if timing.others <= _MAX_OTHERS.value][:repeats]
-    used = clean if len(clean) >= repeats else list(timings)
-    rates = [work / timing.seconds for timing in used]
-    return {"median": statistics.median(rates), "min": min(rates), "max": max(rates),
-            "unit": unit, "runs": rates, "others_cores": max(timing.others for timing in used),
-            "disturbed": len(clean) < repeats,
-            "discarded_runs": len(timings) - len(used)}
-
-
-def _load() -> str:
-    return "load average: " + ", ".join(f"{value:.2f}" for value in os.getloadavg())
-
 
 @contextlib.contextmanager
 def _policy(name: str):
@@ -176,25 +119,11 @@ def _cycled(examples, num_items: int):
 
 # --- The three measurements -------------------------------------------------------------------
 
-def _clean(timings) -> int:
-    return sum(timing.others <= _MAX_OTHERS.value for timing in timings)
-
-
-def _round_robin(runs: dict, repeats: int) -> dict:
-    """Times every run, interleaved, until each has `repeats` undisturbed timings.
-
-    One untimed warm-up run of each comes first; a run is given up after 3 x repeats timings.
-    """
+def _warm_round_robin(runs: dict, repeats: int) -> dict:
+    """`measure.round_robin` after one untimed warm-up call of each run."""
     for run in runs.values():
         run()
-    timings = {name: [] for name in runs}
-    for _ in range(3 * repeats):
-        pending = [name for name in runs if _clean(timings[name]) < repeats]
-        if not pending:
-            break
-        for name in pending:
-            timings[name].append(_timed(runs[name]))
-    return timings
+    return measure.round_robin(runs, repeats)
 
 
 def _embed_function(model):
@@ -232,10 +161,10 @@ def measure_embedding(examples, *, preset: str, precisions, batch_size: int, ima
         runs[precision, "model_only"] = _embed_all(embed, batches)
         runs[precision, "pipeline_and_model"] = _embed_all(embed, dataset)
     runs[None, "pipeline_only"] = pipeline_only
-    timings = _round_robin(runs, repeats)
+    timings = _warm_round_robin(runs, repeats)
 
     def summary(name):
-        return _summary(timings[name], len(examples), "images/s", repeats)
+        return measure.summary(timings[name], len(examples), "images/s", repeats)
 
     result = {"make_dataset_seconds": statistics.median(build_seconds),
               "pipeline_only": summary((None, "pipeline_only"))}
@@ -257,14 +186,11 @@ class EpochTimer(keras.callbacks.Callback):
         self.timings = []
 
     def on_epoch_begin(self, epoch, logs=None):
-        self._start = (_busy_seconds(), _own_seconds(), time.perf_counter())
+        self._watch = measure.Stopwatch()
 
     def on_epoch_end(self, epoch, logs=None):
-        busy, own, start = self._start
-        seconds = time.perf_counter() - start
-        others = (_busy_seconds() - busy - (_own_seconds() - own)) / seconds
-        self.timings.append(Timing(seconds, max(others, 0.0)))
-        if _clean(self.timings[1:]) >= self.repeats:
+        self.timings.append(self._watch.stop())
+        if measure.count_clean(self.timings[1:]) >= self.repeats:
             self.model.stop_training = True
 
 
@@ -303,7 +229,7 @@ def measure_training(train, *, preset: str, precisions, jit: bool, steps: int, r
                               loss=MultiSimilarity(), jit_compile=jit_compile)
                 model.fit(dataset, epochs=1 + 3 * repeats, steps_per_epoch=steps,
                           callbacks=[timer], verbose=0, shuffle=False)
-            figure = {**_summary(timer.timings[1:], steps, "steps/s", repeats),
+            figure = {**measure.summary(timer.timings[1:], steps, "steps/s", repeats),
                       "warmup_epoch_seconds": timer.timings[0].seconds}
             message = (f"{figure['median']:.2f} steps/s, first epoch "
                        f"{figure['warmup_epoch_seconds']:.1f} s, others up to "
@@ -313,7 +239,7 @@ def measure_training(train, *, preset: str, precisions, jit: bool, steps: int, r
             message = figure["error"]
         jit_key = f"jit_compile={jit_compile}"
         result.setdefault(jit_key, {}).setdefault(precision, {})[feed] = figure
-        print(f"  train {precision} {jit_key} {feed}: {message} ({_load()})", flush=True)
+        print(f"  train {precision} {jit_key} {feed}: {message} ({measure.load_average()})", flush=True)
         del model
         keras.backend.clear_session()
     for precision in precisions:
@@ -334,8 +260,8 @@ def measure_training(train, *, preset: str, precisions, jit: bool, steps: int, r
         for _ in range(steps):
             next(iterator)
 
-    timings = _round_robin({"next_batches": next_batches}, repeats)["next_batches"]
-    result["pipeline_only"] = {**_summary(timings, steps, "batches/s", repeats),
+    timings = _warm_round_robin({"next_batches": next_batches}, repeats)["next_batches"]
+    result["pipeline_only"] = {**measure.summary(timings, steps, "batches/s", repeats),
                                "first_batch_seconds": statistics.median(starts)}
     return result
 
@@ -345,13 +271,12 @@ def measure_recall(splits, *, preset: str, precisions, seeds, epochs: int, steps
     runs = []
     for seed in seeds:
         for precision in precisions:
-            trained = []  # _timed calls the lambda at once: the loop variables are current
             with tempfile.TemporaryDirectory() as workdir:
-                timing = _timed(lambda: trained.append(train_embedder(
+                # timed() calls the lambda at once: the loop variables are current.
+                timing, result = measure.timed(lambda: train_embedder(
                     splits["train"], splits["val"], workdir=workdir, preset=preset,
                     epochs=epochs, steps_per_epoch=steps_per_epoch,
-                    mixed_precision=precision == "mixed_bfloat16", seed=seed, verbose=0)))
-            result = trained[0]
+                    mixed_precision=precision == "mixed_bfloat16", seed=seed, verbose=0))
             recall = evaluate_retrieval(result.model, splits["test"],
                                         resize_size=result.resize_size, ks=(1,))
             runs.append({"precision": precision, "seed": seed, "train_seconds": timing.seconds,
@@ -366,23 +291,6 @@ def measure_recall(splits, *, preset: str, precisions, seeds, epochs: int, steps
 
 
 # --- Report -----------------------------------------------------------------------------------
-
-def environment() -> dict:
-    cpu_model = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as stream:
-            names = [line.split(":", 1)[1].strip() for line in stream if line.startswith("model name")]
-            cpu_model = names[0] if names else cpu_model
-    except OSError:
-        pass
-    return {
-        "python": platform.python_version(), "tensorflow": tf.__version__,
-        "keras": keras.__version__, "tfmir": tfmir.__version__, "cpu": cpu_model,
-        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "gpus": len(tf.config.list_physical_devices("GPU")),
-        "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default (on)"),
-    }
-
 
 def _cell(figure: dict | None, digits: int = 1) -> str:
     if figure is None:
@@ -463,9 +371,9 @@ def recall_table(runs) -> str:
 def main(argv) -> None:
     del argv
     started = time.perf_counter()
-    env = environment()
+    env = measure.environment()
     print("environment: " + ", ".join(f"{key}={value}" for key, value in env.items()))
-    print(f"start: {time.strftime('%Y-%m-%d %H:%M:%S')}, {_load()}", flush=True)
+    print(f"start: {time.strftime('%Y-%m-%d %H:%M:%S')}, {measure.load_average()}", flush=True)
 
     if _DATA.value:
         from tfmir.data.specs import load_specs
@@ -510,7 +418,7 @@ def main(argv) -> None:
               f"make_dataset → model {figures['pipeline_and_model']['median']:.1f} images/s, "
               f"overhead {_percent(figures['overhead'])}", flush=True)
     print(f"  embed: make_dataset alone {embedding['pipeline_only']['median']:.0f} images/s, "
-          f"built in {1000 * embedding['make_dataset_seconds']:.0f} ms ({_load()})", flush=True)
+          f"built in {1000 * embedding['make_dataset_seconds']:.0f} ms ({measure.load_average()})", flush=True)
 
     if _TRAIN.value:
         results["training"] = measure_training(
@@ -518,10 +426,10 @@ def main(argv) -> None:
             steps=train_steps, repeats=repeats, image_size=image_size, resize_size=resize_size,
             num_classes_per_batch=num_classes_per_batch, num_per_class=num_per_class,
             learning_rate=schedule["learning_rate"], seed=_SEED.value)
-        print(f"  training measured ({_load()})", flush=True)
+        print(f"  training measured ({measure.load_average()})", flush=True)
 
     print(f"\nThroughput, preset={preset} (median [min–max] of {repeats} runs during which other "
-          f"processes used at most {_MAX_OTHERS.value} cores):\n")
+          f"processes used at most {measure.max_others()} cores):\n")
     table = throughput_table(results, precisions)
     print(table)
     results["table"] = table
@@ -537,14 +445,11 @@ def main(argv) -> None:
         print("\n" + recall_table(runs))
 
     results["wall_seconds"] = time.perf_counter() - started
-    print(f"\nend: {time.strftime('%Y-%m-%d %H:%M:%S')}, {_load()}; wall time "
+    print(f"\nend: {time.strftime('%Y-%m-%d %H:%M:%S')}, {measure.load_average()}; wall time "
           f"{results['wall_seconds']:.0f} s; TF intra/inter-op threads "
           f"{tf.config.threading.get_intra_op_parallelism_threads()}/"
           f"{tf.config.threading.get_inter_op_parallelism_threads()} (0 = one per core)")
-    if _OUTPUT_JSON.value:
-        with open(_OUTPUT_JSON.value, "w") as stream:
-            json.dump(results, stream, indent=2, default=str)
-        print(f"wrote {_OUTPUT_JSON.value}")
+    measure.write_json(_OUTPUT_JSON.value, results)
 
 
 if __name__ == "__main__":
