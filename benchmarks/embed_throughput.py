@@ -11,10 +11,11 @@ In one run, for every precision policy (float32, mixed_bfloat16):
    as `tfmir.training.embed_examples` does) against the same model on the same batches already
    decoded, resized and cropped in memory; the input pipeline alone; the pipeline overhead
    1 - pipeline/model-only (the target is <= 10 %).
-2. Training: steps/s of `model.fit` on the sampler-driven `make_dataset(training=True)` (as
-   `tfmir.training.train_embedder` builds it) against the same model fitting one in-memory batch
-   repeated; for `jit_compile` False and True. The first epoch (tracing) is not timed; each
-   further epoch of --train_steps steps is one repeat.
+2. Training: steps/s of the compiled train step `model.fit` runs, fed by the sampler-driven
+   `make_dataset(training=True)` (as `tfmir.training.train_embedder` builds it), against the same
+   model fed one in-memory batch repeated; for `jit_compile` False and True. One untimed `fit`
+   epoch traces each model; then each run of --train_steps steps is one repeat, the runs of the
+   feeds interleaved.
 3. Recall@1 (--recall): `train_embedder` on the data with --recall_preset, float32 and
    mixed_bfloat16 from the same seed, then per-source test Recall@1 of the final model via
    `evaluate_retrieval`.
@@ -24,7 +25,8 @@ paper preset then needs no download. Every figure is the median of --repeats tim
 (`time.perf_counter`, warm-up excluded). The machine may be shared: the CPU time other processes
 took during each run is measured (from /proc/stat), a run during which they used more than
 --max_others cores is timed again, and a figure that could not get --repeats undisturbed runs is
-marked "(disturbed)". Embedding runs of all variants are interleaved. Reads the shipped MedMNIST
+marked "(disturbed)". Embedding runs of all variants, and training runs of one precision, are
+interleaved. Reads the shipped MedMNIST
 sample, or --data (the `tfmir train --data` specs). Prints the tables; --output_json gets every
 figure, including each run.
 """
@@ -55,7 +57,9 @@ from tfmir.training import evaluate_retrieval, make_sampler, train_embedder  # n
 PRESET_DEFAULTS = {
     # preset: (num_images, embedding batch_size, train_steps per timed epoch)
     "tiny": (512, 128, 20),
-    "cpu": (2048, 256, 30),
+    # 32 batches per timed run: with 8 (2048 images) the start of each run's dataset iterator
+    # made the pipeline figure jump between two levels (about 3,250 and 4,200 images/s).
+    "cpu": (8192, 256, 30),
     "paper": (256, 32, 3),
 }
 PRECISIONS = ("float32", "mixed_bfloat16")
@@ -64,7 +68,7 @@ _DATA = flags.DEFINE_multi_string(
     "data", None, "Dataset spec(s) as for `tfmir train --data` (default: the shipped sample).")
 _PRESET = flags.DEFINE_enum("preset", "cpu", list(PRESET_DEFAULTS), "Model and input sizes.")
 _NUM_IMAGES = flags.DEFINE_integer(
-    "num_images", None, "Images embedded per timed run (default: 2048, paper: 256); the training "
+    "num_images", None, "Images embedded per timed run (default: 8192, paper: 256); the training "
     "split is cycled when it is smaller.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", None,
                                    "Embedding batch size (default: 256, paper: 32).")
@@ -177,33 +181,18 @@ def measure_embedding(examples, *, preset: str, precisions, batch_size: int, ima
     return result
 
 
-class EpochTimer(keras.callbacks.Callback):
-    """Times every epoch after the first; stops training after `repeats` undisturbed ones."""
-
-    def __init__(self, repeats: int):
-        super().__init__()
-        self.repeats = repeats
-        self.timings = []
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._watch = measure.Stopwatch()
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.timings.append(self._watch.stop())
-        if measure.count_clean(self.timings[1:]) >= self.repeats:
-            self.model.stop_training = True
-
-
 def measure_training(train, *, preset: str, precisions, jit: bool, steps: int, repeats: int,
                      image_size: int, resize_size: int, num_classes_per_batch: int,
                      num_per_class: int, learning_rate: float, seed: int) -> dict:
-    """Train steps/s of `model.fit` on the sampler-driven pipeline and on one in-memory batch.
+    """Train steps/s on the sampler-driven pipeline and on one in-memory batch, interleaved.
 
     Every (precision, jit_compile, feed) gets its own model, compiled as `train_embedder` does
-    (plus jit_compile), and one `fit` of epochs of `steps` steps: the dataset iterator lives
-    across epochs as in `train_embedder`, the first epoch (tracing, XLA compilation, iterator
-    start) is not timed, each further epoch is one timed run, until `repeats` undisturbed ones.
-    The two feeds of a precision run back to back so that they see similar background load.
+    (plus jit_compile). One untimed `fit` epoch of `steps` steps traces and compiles it (its
+    time is reported as the first epoch); then one dataset iterator per feed lives on, as in
+    `fit`, and a timed run is `steps` calls of the model's compiled train function (the step
+    `fit` runs) on it. The runs of one precision are timed round robin, so that the feeds
+    compared see the same machine: timed one after the other, the figures of two identical
+    configurations differed by up to 15 % here.
     """
     def training_dataset():
         sampler = make_sampler(train, num_classes_per_batch=num_classes_per_batch,
@@ -212,37 +201,45 @@ def measure_training(train, *, preset: str, precisions, jit: bool, steps: int, r
                             resize_size=resize_size, seed=seed)
 
     first_batch = next(iter(training_dataset()))
-    configs = [(precision, False, feed) for precision in precisions
-               for feed in ("in_memory", "pipeline")]
-    if jit:
-        configs += [(precision, True, "in_memory") for precision in precisions]
+    configs = [(False, "in_memory"), (False, "pipeline")] + ([(True, "in_memory")] if jit else [])
     result = {"batch_size": num_classes_per_batch * num_per_class}
-    for precision, jit_compile, feed in configs:
-        keras.utils.set_random_seed(seed)
-        dataset = (training_dataset() if feed == "pipeline"
-                   else tf.data.Dataset.from_tensors(first_batch).repeat())
-        timer, model = EpochTimer(repeats), None
-        try:
-            with _policy(precision):
-                model = Embedder.from_preset(preset, weights=None)
-                model.compile(optimizer=keras.optimizers.Adam(learning_rate),
-                              loss=MultiSimilarity(), jit_compile=jit_compile)
-                model.fit(dataset, epochs=1 + 3 * repeats, steps_per_epoch=steps,
-                          callbacks=[timer], verbose=0, shuffle=False)
-            figure = {**measure.summary(timer.timings[1:], steps, "steps/s", repeats),
-                      "warmup_epoch_seconds": timer.timings[0].seconds}
-            message = (f"{figure['median']:.2f} steps/s, first epoch "
-                       f"{figure['warmup_epoch_seconds']:.1f} s, others up to "
-                       f"{figure['others_cores']:.2f} cores")
-        except Exception as error:  # noqa: BLE001 - e.g. XLA failing: report it, keep measuring
-            figure = {"error": f"{type(error).__name__}: {error}"[:500]}
-            message = figure["error"]
-        jit_key = f"jit_compile={jit_compile}"
-        result.setdefault(jit_key, {}).setdefault(precision, {})[feed] = figure
-        print(f"  train {precision} {jit_key} {feed}: {message} ({measure.load_average()})", flush=True)
-        del model
-        keras.backend.clear_session()
     for precision in precisions:
+        runs, first_epochs = {}, {}
+        for jit_compile, feed in configs:
+            keras.utils.set_random_seed(seed)
+            dataset = (training_dataset() if feed == "pipeline"
+                       else tf.data.Dataset.from_tensors(first_batch).repeat())
+            key = (f"jit_compile={jit_compile}", feed)
+            try:
+                with _policy(precision):
+                    model = Embedder.from_preset(preset, weights=None)
+                    model.compile(optimizer=keras.optimizers.Adam(learning_rate),
+                                  loss=MultiSimilarity(), jit_compile=jit_compile)
+                    first_epochs[key], _ = measure.timed(lambda: model.fit(
+                        dataset, epochs=1, steps_per_epoch=steps, verbose=0, shuffle=False))
+                train_step, iterator = model.make_train_function(), iter(dataset)
+
+                def run(train_step=train_step, iterator=iterator):
+                    for _ in range(steps):
+                        logs = train_step(iterator)
+                    float(logs["loss"])  # waits for the last step
+
+                run()  # warm-up: the iterator's first batches
+                runs[key] = run
+            except Exception as error:  # noqa: BLE001 - e.g. XLA failing: report it, go on
+                result.setdefault(key[0], {}).setdefault(precision, {})[feed] = {
+                    "error": f"{type(error).__name__}: {error}"[:500]}
+                print(f"  train {precision} {key[0]} {feed}: {error}", flush=True)
+        timings = measure.round_robin(runs, repeats)
+        for key, run_timings in timings.items():
+            figure = {**measure.summary(run_timings, steps, "steps/s", repeats),
+                      "warmup_epoch_seconds": first_epochs[key].seconds}
+            result.setdefault(key[0], {}).setdefault(precision, {})[key[1]] = figure
+            print(f"  train {precision} {key[0]} {key[1]}: {figure['median']:.2f} steps/s, "
+                  f"first epoch {figure['warmup_epoch_seconds']:.1f} s, others up to "
+                  f"{figure['others_cores']:.2f} cores ({measure.load_average()})", flush=True)
+        runs.clear()
+        keras.backend.clear_session()
         figures = result["jit_compile=False"][precision]
         if "error" not in figures["in_memory"] and "error" not in figures["pipeline"]:
             figures["overhead"] = 1 - figures["pipeline"]["median"] / figures["in_memory"]["median"]
