@@ -124,3 +124,11 @@ def test_save_load_keeps_packed_codes(tmp_path):
     np.testing.assert_array_equal(
         loaded.search_arrays(queries, 8)[1], index.search_arrays(queries, 8)[1]
     )
+
+
+def test_codes_added_after_a_search_are_searched():
+    index = HammingIndex(dimension=8).build([[0] * 8, [1] * 8], ids=["zeros", "ones"])
+    assert index.search([[1, 1, 1, 1, 1, 1, 1, 0]], k=1)[0][0]["id"] == "ones"
+    index.add([[1, 1, 1, 1, 1, 1, 1, 0]], ids=["seven"])  # distance 0 from the same query
+    hits = index.search([[1, 1, 1, 1, 1, 1, 1, 0]], k=2)[0]
+    assert [(hit["id"], hit["score"]) for hit in hits] == [("seven", 0), ("ones", 1)]

@@ -4,12 +4,25 @@ import math
 import numbers
 
 import numpy as np
+import tensorflow as tf
 
 from tfmir.index.base import Index
 
 # Elements of the (queries × items × words) XOR block computed at once when
 # batch_size is automatic: 2**23 uint64 words is 64 MiB.
 _AUTO_BATCH_ELEMENTS = 1 << 23
+
+
+@tf.function(input_signature=[tf.TensorSpec([None, None], tf.uint64),
+                              tf.TensorSpec([None, None], tf.uint64),
+                              tf.TensorSpec([], tf.int32)])
+def _hamming_top_k(queries, codes, k):
+    """The k nearest codes of each query: (distances, rows), equal distances in row order."""
+    differing = tf.raw_ops.PopulationCount(x=tf.bitwise.bitwise_xor(queries[:, None], codes[None]))
+    distances = tf.reduce_sum(tf.cast(differing, tf.int32), axis=2)
+    # top_k puts the lower index first among equal values: ties come in row order.
+    negated, rows = tf.math.top_k(-distances, k=k)
+    return -negated, rows
 
 
 def pack_bits(codes, num_bits: int) -> np.ndarray:
@@ -109,9 +122,9 @@ class HammingIndex(Index):
 
     Codes are stored packed (`pack_bits`); the distance of a query to every
     item is the popcount of their XOR, computed on the packed words with
-    `np.bitwise_count` — never on floats. Queries are processed in batches, so
-    memory is O(batch_size × len(index)). `add` appends codes; there is nothing
-    to rebuild.
+    TensorFlow's `PopulationCount` on every core — never on floats. Queries are
+    processed in batches, so memory is O(batch_size × len(index)). `add`
+    appends codes; there is nothing to rebuild.
 
     Score: the Hamming distance, an integer number of differing bits (lower is
     better). Equal distances come in row order.
@@ -205,6 +218,8 @@ class HammingIndex(Index):
 
     def _search(self, queries, k):
         codes = self._data
+        if getattr(self, "_codes_source", None) is not codes:  # built, added to or loaded
+            self._codes_tensor, self._codes_source = tf.constant(codes), codes
         num_items, num_words = codes.shape
         batch_size = self.settings["batch_size"] or max(
             1, _AUTO_BATCH_ELEMENTS // (num_items * num_words)
@@ -212,17 +227,10 @@ class HammingIndex(Index):
         num_queries = queries.shape[0]
         all_distances = np.empty((num_queries, k), dtype=np.int32)
         all_rows = np.empty((num_queries, k), dtype=np.int64)
-        row_numbers = np.arange(num_items, dtype=np.int64)
         for start in range(0, num_queries, batch_size):
             stop = min(start + batch_size, num_queries)
-            differing = np.bitwise_count(np.bitwise_xor(queries[start:stop, None, :], codes[None]))
-            distances = differing.sum(axis=2, dtype=np.int64)
-            # One integer key per item orders by distance, then by row, so ties
-            # break by row even across the argpartition boundary.
-            keys = distances * num_items + row_numbers
-            if k < num_items:
-                keys = np.partition(keys, k - 1, axis=1)[:, :k]
-            keys = np.sort(keys, axis=1)[:, :k]
-            all_distances[start:stop] = keys // num_items
-            all_rows[start:stop] = keys % num_items
+            distances, rows = _hamming_top_k(tf.constant(queries[start:stop]),
+                                             self._codes_tensor, tf.constant(k, tf.int32))
+            all_distances[start:stop] = distances.numpy()
+            all_rows[start:stop] = rows.numpy()
         return all_distances, all_rows
