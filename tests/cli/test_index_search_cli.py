@@ -132,6 +132,24 @@ def test_search_refuses_bad_input(built_index, models, folder, tmp_path):
     assert result.returncode != 0 and "is not a directory" in result.stderr
 
 
+def test_one_index_over_a_folder_on_disk_and_a_medmnist_file_in_memory(models, folder,
+                                                                      shared_data_dir, tmp_path):
+    _, export, fingerprint = models["main"]
+    npz = shared_data_dir / "retinamnist" / "retinamnist.npz"
+    output = tmp_path / "both"
+    result = tfmir("index", f"--model={export}", f"--data=skin={folder}", f"--data=retina={npz}",
+                   "--splits=test", f"--output={output}", "--batch_size=64")
+    assert result.returncode == 0, result.stderr[-3000:]
+    index = Index.load(output, expected_model_fingerprint=fingerprint)
+    sources = index.sources.tolist()
+    # The folder is split 2:1:1 (its test split), RetinaMNIST's official test split has 400.
+    assert sources.count("retina") == 400 and 0 < sources.count("skin") < NUM_IMAGES
+    skin_labels = {row["label"] for row in index.get(index.ids[index.sources == "skin"].tolist())}
+    assert skin_labels <= {"skin/first", "skin/second"}  # classes of two sources kept apart
+    retina_rows = index.get(index.ids[index.sources == "retina"][:3].tolist())
+    assert all(row["label"].startswith("retina/") and row["path"] == "" for row in retina_rows)
+
+
 class _Interrupted(Exception):
     pass
 

@@ -90,34 +90,46 @@ def load_plain_folder(root: str, *, source: str | None, strict: bool):
 
 
 def load_parts(specs, splits) -> list[tuple]:
-    """(Examples, labels as class names or None per row) for the specs, in --data order."""
+    """(Examples, labels as class names or None per row) for the specs, in --data order.
+
+    Each spec is its own part and is embedded on its own, so parts in memory (MedMNIST) and on
+    disk (folders, manifests) can share one index. With several labelled specs, a label is
+    "source/class" (as `tfmir train` names the classes of several sources), so the majority
+    vote of an unfiltered search never merges two sources' classes of the same name.
+    """
     from tfmir.data.datasets import concatenate
-    from tfmir.data.specs import load_specs
+    from tfmir.data.specs import load_spec
 
     unknown = sorted(set(splits) - set(SPLITS))
     if unknown or not splits:
         raise IndexCommandError(f"--splits must name some of {list(SPLITS)}. Received: "
                                 f"{','.join(splits)}")
-    labelled, plain = [], []
-    for spec in specs:
-        source, separator, location = spec.partition("=")
-        if not separator or os.sep in source or ":" in source:
-            source, location = None, spec
-        (plain if _is_plain_folder(location) else labelled).append((spec, source, location))
+    entries = [(spec, *_source_and_location(spec)) for spec in specs]
+    num_labelled = sum(not _is_plain_folder(location) for _, _, location in entries)
     parts = []
-    if labelled:
+    for spec, source, location in entries:
+        if _is_plain_folder(location):
+            examples = load_plain_folder(location, source=source, strict=_STRICT.value)
+            parts.append((examples, [None] * len(examples)))
+            continue
         try:
-            loaded = load_specs([spec for spec, _, _ in labelled], data_dir=_DATA_DIR.value,
-                                download=_DOWNLOAD.value, strict=_STRICT.value, seed=_SEED.value)
+            loaded = load_spec(spec, data_dir=_DATA_DIR.value, download=_DOWNLOAD.value,
+                               strict=_STRICT.value, seed=_SEED.value)
             examples = concatenate([loaded[split] for split in splits], separate_classes=False)
         except (ValueError, FileNotFoundError) as error:
             raise IndexCommandError(str(error)) from error
         names = list(examples.class_names)
+        if num_labelled > 1:
+            names = [f"{'+'.join(examples.source_names)}/{name}" for name in names]
         parts.append((examples, [names[label] for label in examples.labels]))
-    for _, source, location in plain:
-        examples = load_plain_folder(location, source=source, strict=_STRICT.value)
-        parts.append((examples, [None] * len(examples)))
     return parts
+
+
+def _source_and_location(spec: str) -> tuple[str | None, str]:
+    source, separator, location = spec.partition("=")
+    if not separator or os.sep in source or ":" in source:
+        return None, spec
+    return source, location
 
 
 def make_index(kind: str, metric: str, dimension: int, fingerprint: str):
@@ -157,12 +169,16 @@ def build_index(model: str, specs, output: str) -> None:
                               fingerprint=embedder.fingerprint, shard_size=_SHARD_SIZE.value,
                               batch_size=_BATCH_SIZE.value)
     index = make_index(_KIND.value, _METRIC.value, vectors.shape[1], embedder.fingerprint)
+    ids = np.concatenate([examples.ids for examples, _ in parts])
+    sources = np.concatenate([examples.sources for examples, _ in parts])
+    if len(np.unique(ids)) != len(ids):  # as tfmir.data.concatenate: "source/id" when ids repeat
+        ids = np.char.add(np.char.add(sources.astype(str), "/"), ids.astype(str))
     try:
         index.build(
             vectors,
-            ids=np.concatenate([examples.ids for examples, _ in parts]).tolist(),
+            ids=ids.tolist(),
             labels=[label for _, labels in parts for label in labels],
-            sources=np.concatenate([examples.sources for examples, _ in parts]).tolist(),
+            sources=sources.tolist(),
             paths=[path for examples, _ in parts
                    for path in (examples.paths.tolist() if examples.paths is not None
                                 else [""] * len(examples))])
@@ -170,9 +186,8 @@ def build_index(model: str, specs, output: str) -> None:
     except ValueError as error:
         raise IndexCommandError(str(error)) from error
     shutil.rmtree(shards, ignore_errors=True)
-    sources = sorted(set(np.concatenate([examples.sources for examples, _ in parts]).tolist()))
     print(f"Wrote an index of {len(index)} items ({index.kind}, {index.metric}, dimension "
-          f"{index.dimension}, sources {', '.join(sources)}) to {path}")
+          f"{index.dimension}, sources {', '.join(sorted(set(sources.tolist())))}) to {path}")
 
 
 def main(argv) -> None:
