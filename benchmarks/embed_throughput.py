@@ -1,6 +1,6 @@
 """Throughput of tfmir's input pipeline against the model alone, and the effect of mixed_bfloat16.
 
-    python benchmarks/embed_throughput.py                    # cpu preset, the full run (~15 min, 2 cores)
+    python benchmarks/embed_throughput.py                    # cpu preset, the full run (~5 min, 2 cores)
     python benchmarks/embed_throughput.py --recall=false     # throughput only
     python benchmarks/embed_throughput.py --preset=paper --recall=false --jit=false \
         --num_images=256 --classes_per_batch=6 --train_steps=3 --repeats=3   # ResNet50 at 224

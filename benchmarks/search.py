@@ -1,6 +1,6 @@
 """Search speed and recall: exact search, ScaNN through tfmir and raw, Hamming codes, /search.
 
-    python benchmarks/search.py                          # everything, 1M x 128 (~25 min, 2 cores)
+    python benchmarks/search.py                          # everything, 1M x 128 (~4 min, 2 cores)
     python benchmarks/search.py --sections=synthetic --num_items=100000 --num_queries=2000
     python benchmarks/search.py --sections=real,serve --model=runs/sample/best.keras
     python benchmarks/search.py --output_json=search.json
