@@ -10,10 +10,10 @@ import keras
 import numpy as np
 import pytest
 
-from tfmir.data import load_image_folder
+from tfmir.data import Examples, load_image_folder
 from tfmir.export import export_saved_model, model_fingerprint
 from tfmir.index import Index
-from tfmir.index.embedding import embed_in_shards, load_model_embedder, shard_path
+from tfmir.index.embedding import embed_in_shards, load_embedding_function, shard_path
 from tfmir.models import Embedder
 
 NUM_IMAGES = 30
@@ -155,7 +155,7 @@ class _Interrupted(Exception):
 
 
 def test_embedding_resumes_from_finished_shards(models, folder, tmp_path):
-    embedder = load_model_embedder(models["main"][1])
+    embed = load_embedding_function(models["main"][1])
     examples = load_image_folder(folder, source="skin")
     calls = []
 
@@ -163,10 +163,10 @@ def test_embedding_resumes_from_finished_shards(models, folder, tmp_path):
         if len(calls) == 2:
             raise _Interrupted()
         calls.append(len(part))
-        return embedder(part)
+        return embed(part)
 
     shards = tmp_path / "index.shards"
-    arguments = dict(fingerprint=embedder.fingerprint, shard_size=8, batch_size=8, progress=False)
+    arguments = dict(fingerprint=embed.fingerprint, shard_size=8, batch_size=8, progress=False)
     with pytest.raises(_Interrupted):
         embed_in_shards(failing_after_two_shards, [examples], shards, **arguments)
     finished = [os.stat(shard_path(shards, number)).st_mtime_ns for number in (0, 1)]
@@ -176,16 +176,59 @@ def test_embedding_resumes_from_finished_shards(models, folder, tmp_path):
 
     def counting(part):
         calls.append(len(part))
-        return embedder(part)
+        return embed(part)
 
     resumed = embed_in_shards(counting, [examples], shards, **arguments)
     assert calls == [8, 6]  # shards 2 and 3 only: 30 = 8 + 8 + 8 + 6
     assert [os.stat(shard_path(shards, number)).st_mtime_ns for number in (0, 1)] == finished
 
-    uninterrupted = embed_in_shards(embedder, [examples], tmp_path / "fresh.shards", **arguments)
+    uninterrupted = embed_in_shards(embed, [examples], tmp_path / "fresh.shards", **arguments)
     np.testing.assert_allclose(resumed, uninterrupted, atol=1e-5)
 
     # Shards of another model are not reused.
     calls.clear()
     embed_in_shards(counting, [examples], shards, **{**arguments, "fingerprint": "another"})
     assert calls == [8, 8, 8, 6]
+
+
+def _unpacked_codes(index_directory, num_bits):
+    """The bits in codes.npy: bit i of a code is bit i of its bytes, most significant first."""
+    words = np.load(index_directory / "codes.npy")
+    return np.unpackbits(words.astype("<u8").view(np.uint8), axis=1)[:, :num_bits].astype(bool)
+
+
+def test_hamming_index_and_search_use_the_signs_of_the_embeddings(models, folder, tmp_path):
+    _, export, fingerprint = models["main"]
+    output = tmp_path / "bits"
+    result = tfmir("index", f"--model={export}", f"--data=skin={folder}", "--kind=hamming",
+                   f"--output={output}", "--batch_size=16", "--shard_size=8")
+    assert result.returncode == 0, result.stderr[-3000:]
+    index = Index.load(output, expected_model_fingerprint=fingerprint)
+    assert (index.kind, index.metric, index.dimension, len(index)) == ("hamming", "hamming", 128,
+                                                                       NUM_IMAGES)
+    embed = load_embedding_function(export)
+
+    def embeddings_of(paths):
+        return embed(Examples(labels=np.zeros(len(paths), np.int64), sources="query",
+                              ids=[str(path) for path in paths], class_names=("",),
+                              paths=[str(path) for path in paths]))
+
+    # Oracle: a bit per component, set where the embedding is positive (components within 1e-5
+    # of zero may round either way between batch sizes).
+    codes = _unpacked_codes(output, 128)
+    embeddings = embeddings_of(index.paths.tolist())
+    assert np.all((codes == (embeddings > 0)) | (np.abs(embeddings) < 1e-5))
+
+    query = sorted((folder / "second").iterdir())[0]
+    result = tfmir("search", f"--index={output}", f"--model={export}", "--k=5", query)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (entry,) = json.loads(result.stdout)
+    distances = (codes != (embeddings_of([query]) > 0)).sum(axis=1)  # explicit Hamming distance
+    rows = {item: row for row, item in enumerate(index.ids.tolist())}
+    assert [row["score"] for row in entry["results"]] == sorted(distances.tolist())[:5]
+    assert all(distances[rows[row["id"]]] == row["score"] for row in entry["results"])
+    assert entry["results"][0]["score"] == 0 and distances[rows[f"second/{query.name}"]] == 0
+
+    result = tfmir("index", f"--model={export}", f"--data=skin={folder}", "--kind=hamming",
+                   "--metric=l2", f"--output={tmp_path / 'refused'}")
+    assert result.returncode != 0 and "--metric does not apply" in result.stderr

@@ -67,13 +67,13 @@ def server(archive):
 @pytest.fixture(scope="module")
 def embed(archive):
     from tfmir.data import Examples
-    from tfmir.index.embedding import load_model_embedder
+    from tfmir.index.embedding import load_embedding_function
 
-    embedder = load_model_embedder(archive.export)
+    embed_function = load_embedding_function(archive.export)
 
     def embed_file(path):
-        return embedder(Examples(labels=[0], sources="query", ids=["q"], class_names=("",),
-                                 paths=[str(path)]))[0]
+        return embed_function(Examples(labels=[0], sources="query", ids=["q"],
+                                       class_names=("",), paths=[str(path)]))[0]
 
     return embed_file
 

@@ -288,25 +288,25 @@ def test_a_failed_export_leaves_the_target_untouched(model, export_base, tmp_pat
     assert os.listdir(base) == ["1"]
 
 
-def test_a_failed_swap_restores_the_previous_export(tmp_path, monkeypatch):
-    source, target = tmp_path / ".1.partial", tmp_path / "1"
-    source.mkdir()
-    (source / "saved_model.pb").write_text("new")
-    target.mkdir()
-    (target / "saved_model.pb").write_text("old")
+def test_a_failed_swap_restores_the_previous_export(model, export_base, tmp_path, monkeypatch):
+    base = tmp_path / "tfmir"
+    shutil.copytree(export_base, base)
+    before = _snapshot(base)
     real_rename, calls = os.rename, []
 
     def rename(old, new):
         calls.append((old, new))
-        if len(calls) == 2:  # moving the new export into place
+        if len(calls) == 2:  # moving the new export into place, after the old one went aside
             raise OSError("interrupted")
         real_rename(old, new)
 
-    monkeypatch.setattr(saved_model_module.os, "rename", rename)
+    monkeypatch.setattr(os, "rename", rename)
     with pytest.raises(OSError, match="interrupted"):
-        saved_model_module._move_into_place(str(source), str(target))
-    assert (target / "saved_model.pb").read_text() == "old"
-    assert sorted(os.listdir(tmp_path)) == [".1.partial", "1"]
+        export_saved_model(model, base / "1", resize_size=40)
+    monkeypatch.undo()
+    assert len(calls) == 3  # aside, in (failed), back
+    assert _snapshot(base) == before
+    assert os.listdir(base) == ["1"]
 
 
 def test_export_refuses_to_replace_a_directory_that_is_not_an_export(model, tmp_path):
@@ -329,7 +329,7 @@ def test_resolve_export_directory_picks_the_newest_version(tmp_path):
         (tmp_path / version).mkdir()
         (tmp_path / version / "saved_model.pb").write_bytes(b"")
     (tmp_path / "11").mkdir()  # no saved_model.pb: not a version
-    (tmp_path / ".12.partial-x").mkdir()
+    (tmp_path / ".12.tfmir-tmp-x").mkdir()
     assert resolve_export_directory(tmp_path) == str(tmp_path / "10")
     assert resolve_export_directory(tmp_path / "2") == str(tmp_path / "2")
     with pytest.raises(FileNotFoundError, match="No SavedModel in"):

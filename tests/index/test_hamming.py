@@ -8,6 +8,7 @@ import pytest
 from tfmir.index import HammingIndex
 from tfmir.index import Index
 from tfmir.index import pack_bits
+from tfmir.index import sign_codes
 
 
 def loop_search(queries, codes, k):
@@ -132,3 +133,16 @@ def test_codes_added_after_a_search_are_searched():
     index.add([[1, 1, 1, 1, 1, 1, 1, 0]], ids=["seven"])  # distance 0 from the same query
     hits = index.search([[1, 1, 1, 1, 1, 1, 1, 0]], k=2)[0]
     assert [(hit["id"], hit["score"]) for hit in hits] == [("seven", 0), ("ones", 1)]
+
+
+def test_sign_codes_set_the_bits_of_positive_components():
+    embeddings = [[0.5, -0.5, 0.0, 1e-9], [-2.0, 3.0, -0.0, -1e-9]]
+    np.testing.assert_array_equal(
+        sign_codes(embeddings), [[True, False, False, True], [False, True, False, False]]
+    )
+    # Codes already binary come back as the same bits.
+    bits = np.array([[1, 0, 1, 1]])
+    np.testing.assert_array_equal(sign_codes(bits), bits == 1)
+    np.testing.assert_array_equal(sign_codes(np.where(bits == 1, 1, -1)), bits == 1)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        sign_codes([[0.5, np.nan]])

@@ -14,7 +14,9 @@ import shutil
 import numpy as np
 import pytest
 
+import tfmir.files
 from tfmir.index import ExactIndex
+from tfmir.index import FingerprintMismatchError
 from tfmir.index import HammingIndex
 from tfmir.index import Index
 from tfmir.index import ScannIndex
@@ -301,14 +303,7 @@ def test_crash_while_writing_leaves_the_target_untouched(kind, tmp_path, monkeyp
 def test_crash_before_the_manifest_leaves_nothing_loadable(tmp_path, monkeypatch):
     # A hard crash: no cleanup runs, and the manifest (written last) never appears.
     monkeypatch.setattr(shutil, "rmtree", lambda *args, **kwargs: None)
-    real_write = base._write_with_fsync
-
-    def write(path, writer):
-        if path.name == base.MANIFEST_FILE:
-            raise OSError("simulated crash")
-        real_write(path, writer)
-
-    monkeypatch.setattr(base, "_write_with_fsync", write)
+    monkeypatch.setattr(Index, "_manifest", fail_on_call(0, None))
     with pytest.raises(OSError, match="simulated crash"):
         built("exact").save(tmp_path / "archive")
     monkeypatch.undo()
@@ -328,7 +323,7 @@ def test_crash_after_the_manifest_leaves_nothing_loadable(kind, tmp_path, monkey
     built(kind, count=40).save(tmp_path / "archive")
     before = snapshot(tmp_path / "archive")
     monkeypatch.setattr(shutil, "rmtree", lambda *args, **kwargs: None)
-    monkeypatch.setattr(base, "_move_into_place", fail_on_call(0, None))
+    monkeypatch.setattr(tfmir.files, "_move_into_place", fail_on_call(0, None))
     with pytest.raises(OSError, match="simulated crash"):
         built(kind).save(tmp_path / "archive")
     monkeypatch.undo()
@@ -381,8 +376,12 @@ def test_mismatches_are_refused_naming_both_values(kind, tmp_path):
         Index.load(path, expected_dimension=64)
     with pytest.raises(ValueError, match=rf"metric '{metric}', expected 'cosine'"):
         Index.load(path, expected_metric="cosine")
-    with pytest.raises(ValueError, match=r"fingerprint 'model-a', expected 'model-b'"):
+    with pytest.raises(FingerprintMismatchError, match=r"'model-a', expected 'model-b'"):
         Index.load(path, expected_model_fingerprint="model-b")
+    for expected in ({"expected_dimension": 64}, {"expected_metric": "cosine"}):
+        with pytest.raises(ValueError) as refused:
+            Index.load(path, expected_model_fingerprint="model-b", **expected)
+        assert not isinstance(refused.value, FingerprintMismatchError)
     other = "exact" if kind != "exact" else "scann"
     with pytest.raises(ValueError, match=rf"holds a '{kind}' index, not a '{other}' index"):
         {"exact": ExactIndex, "scann": ScannIndex}[other].load(path)
@@ -393,7 +392,7 @@ def test_mismatches_are_refused_naming_both_values(kind, tmp_path):
 def test_index_without_fingerprint_is_refused_when_one_is_expected(tmp_path):
     index = ExactIndex(dimension=2).build(np.eye(2), ids=["a", "b"])
     path = index.save(tmp_path / "archive")
-    with pytest.raises(ValueError, match=r"fingerprint None, expected 'model-a'"):
+    with pytest.raises(FingerprintMismatchError, match=r"fingerprint None, expected 'model-a'"):
         Index.load(path, expected_model_fingerprint="model-a")
 
 

@@ -38,7 +38,7 @@ def build_archive(root: pathlib.Path, shared_data_dir: pathlib.Path, seed: int =
     from tfmir.data import Examples
     from tfmir.export import export_saved_model, model_fingerprint
     from tfmir.index import ScannIndex
-    from tfmir.index.embedding import load_model_embedder
+    from tfmir.index.embedding import load_embedding_function
     from tfmir.models import Embedder
 
     images = sorted((shared_data_dir / "ph2" / "images").glob("*.jpg"))
@@ -52,10 +52,10 @@ def build_archive(root: pathlib.Path, shared_data_dir: pathlib.Path, seed: int =
                        max_image_pixels=EXPORT_MAX_IMAGE_PIXELS)
     fingerprint = model_fingerprint(model)
 
-    embedder = load_model_embedder(root / "export")
+    embed = load_embedding_function(root / "export")
     paths = [str(path) for path in indexed]
-    vectors = embedder(Examples(labels=np.zeros(len(paths), np.int64), sources="x",
-                                ids=paths, class_names=("",), paths=paths))
+    vectors = embed(Examples(labels=np.zeros(len(paths), np.int64), sources="x",
+                             ids=paths, class_names=("",), paths=paths))
     half = NUM_INDEXED // 2
     sources = ["skin" if row < half else "derm" for row in range(NUM_INDEXED)]
     labels = ["nevus" if row % half < half // 2 else "melanoma" for row in range(NUM_INDEXED)]

@@ -14,7 +14,7 @@ from tests.serving import (EXPORT_MAX_IMAGE_PIXELS, NUM_INDEXED, RESIZE_SIZE, as
                            search)
 from tfmir.serving import (DEFAULT_MAX_IMAGE_PIXELS, RequestError, SearchError, check_image,
                            make_server)
-from tfmir.serving.embedders import model_error_message
+from tfmir.serving.backends import model_error_message
 from tfmir.serving.server import multipart_field
 
 

@@ -18,9 +18,8 @@ import zipfile
 
 from absl import app, flags
 
-# The same as tfmir.export.DEFAULT_MAX_IMAGE_PIXELS; repeated so that flag parsing and input
-# errors do not wait for TensorFlow to import.
-DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
+# Not from tfmir.export, which imports TensorFlow: flag parsing and input errors stay fast.
+from tfmir.serving.backends import DEFAULT_MAX_IMAGE_PIXELS
 
 _MODEL = flags.DEFINE_string("model", None, "Keras checkpoint from `tfmir train` "
                              "(e.g. runs/sample/best.keras).", required=True)

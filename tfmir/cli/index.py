@@ -2,12 +2,17 @@
 
     tfmir index --model=exported/tfmir --data=skin=path/to/folder --output=indexes/skin
     tfmir index --model=runs/sample/best.keras --data=sample --splits=test --output=indexes/sample
+    tfmir index --model=exported/tfmir --data=skin=path/to/folder --kind=hamming --output=bits
 
 --model is a SavedModel from `tfmir export` (base or version directory) or a .keras checkpoint
 from `tfmir train` (resize side from its config.json, or --resize_size). A SavedModel embeds
 files through its `serving_default` signature (file bytes, as TF Serving does) and in-memory
 MedMNIST images through `embed_pixels`. --data takes the specs of `tfmir train` (all splits by
 default) and also a plain folder of images without class sub-folders (unlabelled items).
+
+--kind=hamming keeps one bit per embedding component, its sign (`tfmir.index.sign_codes`: D-bit
+codes for D-dimensional embeddings), and searches by Hamming distance; `tfmir search` and
+`tfmir serve` turn query embeddings into codes the same way.
 
 Embeddings are written in shards to <output>.shards/ as they are computed; after an
 interruption, run the same command again and the finished shards are reused (checked against
@@ -32,9 +37,14 @@ _DATA = flags.DEFINE_multi_string(
 _OUTPUT = flags.DEFINE_string("output", None, "Index directory to write.", required=True)
 _SPLITS = flags.DEFINE_list("splits", ["train", "val", "test"],
                             "Splits of each spec to index (default: all of them).")
-_KIND = flags.DEFINE_enum("kind", "auto", ["auto", "exact", "scann"],
-                          "Index kind; auto is ScaNN when it imports, else exact.")
-_METRIC = flags.DEFINE_enum("metric", "cosine", ["cosine", "dot", "l2"], "Similarity metric.")
+_KIND = flags.DEFINE_enum(
+    "kind", "auto", ["auto", "exact", "scann", "hamming"],
+    "Index kind; auto is ScaNN when it imports, else exact. hamming stores the sign of each "
+    "embedding component as one bit (D-bit codes for D-dimensional embeddings) and searches by "
+    "Hamming distance; `tfmir search` and `tfmir serve` binarize queries the same way.")
+_METRIC = flags.DEFINE_enum("metric", "cosine", ["cosine", "dot", "l2"],
+                            "Similarity metric of an exact or scann index (a hamming index "
+                            "always uses the Hamming distance).")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 256, "Images per model call.", lower_bound=1)
 _SHARD_SIZE = flags.DEFINE_integer("shard_size", 4096, "Embeddings per shard file (the unit of "
                                    "resumption).", lower_bound=1)
@@ -133,8 +143,10 @@ def _source_and_location(spec: str) -> tuple[str | None, str]:
 
 
 def make_index(kind: str, metric: str, dimension: int, fingerprint: str):
-    from tfmir.index import ExactIndex, ScannIndex
+    from tfmir.index import ExactIndex, HammingIndex, ScannIndex
 
+    if kind == "hamming":
+        return HammingIndex(dimension=dimension, model_fingerprint=fingerprint)
     if kind == "auto":
         try:
             import scann  # noqa: F401
@@ -146,9 +158,13 @@ def make_index(kind: str, metric: str, dimension: int, fingerprint: str):
 
 
 def build_index(model: str, specs, output: str) -> None:
+    if _KIND.value == "hamming" and _METRIC.present:
+        raise IndexCommandError("--metric does not apply to --kind=hamming: a hamming index "
+                                "always uses the Hamming distance.")
     import numpy as np
 
-    from tfmir.index.embedding import embed_in_shards, load_model_embedder
+    from tfmir.index import sign_codes
+    from tfmir.index.embedding import embed_in_shards, load_embedding_function
 
     output = os.path.abspath(output)
     if os.path.exists(output) and not os.path.isfile(os.path.join(output, "manifest.json")) \
@@ -158,17 +174,19 @@ def build_index(model: str, specs, output: str) -> None:
     parts = load_parts(specs, _SPLITS.value)
     total = sum(len(examples) for examples, _ in parts)
     try:
-        embedder = load_model_embedder(model, resize_size=_RESIZE_SIZE.value,
-                                       batch_size=_BATCH_SIZE.value)
+        embed = load_embedding_function(model, resize_size=_RESIZE_SIZE.value,
+                                        batch_size=_BATCH_SIZE.value)
     except ValueError as error:
         raise IndexCommandError(str(error)) from error
-    print(f"Embedding {total} images with {embedder.description} "
-          f"(fingerprint {embedder.fingerprint[:16]}...)")
+    print(f"Embedding {total} images with {embed.description} "
+          f"(fingerprint {embed.fingerprint[:16]}...)")
     shards = output + ".shards"
-    vectors = embed_in_shards(embedder, [examples for examples, _ in parts], shards,
-                              fingerprint=embedder.fingerprint, shard_size=_SHARD_SIZE.value,
+    vectors = embed_in_shards(embed, [examples for examples, _ in parts], shards,
+                              fingerprint=embed.fingerprint, shard_size=_SHARD_SIZE.value,
                               batch_size=_BATCH_SIZE.value)
-    index = make_index(_KIND.value, _METRIC.value, vectors.shape[1], embedder.fingerprint)
+    index = make_index(_KIND.value, _METRIC.value, vectors.shape[1], embed.fingerprint)
+    if index.kind == "hamming":
+        vectors = sign_codes(vectors)
     ids = np.concatenate([examples.ids for examples, _ in parts])
     sources = np.concatenate([examples.sources for examples, _ in parts])
     if len(np.unique(ids)) != len(ids):  # as tfmir.data.concatenate: "source/id" when ids repeat

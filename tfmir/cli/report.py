@@ -1,10 +1,13 @@
-"""Plain-text and Markdown reports shared by the commands."""
+"""Plain-text and Markdown reports shared by the commands.
+
+`write_atomic` and `write_json` are `tfmir.files`'s, importable from here too.
+"""
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
+from tfmir.files import write_atomic, write_json
+
+__all__ = ["recall_table", "write_atomic", "write_json"]
 
 
 def recall_table(results: dict, ks=(1, 2, 4, 8)) -> str:
@@ -27,21 +30,3 @@ def recall_table(results: dict, ks=(1, 2, 4, 8)) -> str:
             values = " | ".join(f"{100 * by_source[source][f'recall@{k}']:.1f}" for k in ks)
             lines.append(f"| {source} | {model_name} | {values} |")
     return "\n".join(lines)
-
-
-def write_atomic(path: os.PathLike, text: str) -> None:
-    """Writes `text` to `path` through a temporary file and a rename."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=directory)
-    try:
-        with os.fdopen(handle, "w") as stream:
-            stream.write(text)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-
-
-def write_json(path: os.PathLike, value) -> None:
-    write_atomic(path, json.dumps(value, indent=2, sort_keys=True) + "\n")

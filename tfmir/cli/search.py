@@ -7,7 +7,9 @@
 manifest): the same SavedModel, or the .keras checkpoint it was exported from. Prints (or writes
 to --output_json) a list with one entry per query:
 `{"query", "results": [{"id", "label", "source", "path", "score", "rank"}], "predicted_label"}`,
-the prediction being the majority label of the top k (ties go to the nearest: deep kNN).
+the prediction being the majority label of the top k (ties go to the nearest: deep kNN). For a
+hamming index, the query codes are the signs of the query embeddings, as `tfmir index` made the
+indexed codes; scores are then Hamming distances (lower is better).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 
-from absl import app, flags
+from absl import flags
 
 from tfmir.serving.retrieval import (SearchError, load_index, predicted_labels,
                                      search_sources)
@@ -90,7 +92,7 @@ def search(queries) -> None:
     import numpy as np
 
     from tfmir.data import Examples
-    from tfmir.index.embedding import load_model_embedder
+    from tfmir.index.embedding import load_embedding_function
 
     if _K.value <= 0:
         raise SearchError(f"--k must be at least 1. Received: --k={_K.value}")
@@ -99,10 +101,10 @@ def search(queries) -> None:
                           "`tfmir index`.")
     check_queries(queries)
     try:
-        embedder = load_model_embedder(_MODEL.value, resize_size=_RESIZE_SIZE.value)
+        embed = load_embedding_function(_MODEL.value, resize_size=_RESIZE_SIZE.value)
     except ValueError as error:
         raise SearchError(str(error)) from error
-    index = load_index(_INDEX.value, embedder.fingerprint)
+    index = load_index(_INDEX.value, embed.fingerprint)
     if _K.value > len(index):
         raise SearchError(f"--k={_K.value} is larger than the index ({len(index)} items).")
     paths = [os.path.abspath(query) for query in queries]
@@ -110,7 +112,7 @@ def search(queries) -> None:
                         ids=[str(number) for number in range(len(paths))], class_names=("",),
                         paths=paths)
     try:
-        embeddings = embedder(examples)
+        embeddings = embed(examples)
     except Exception as error:  # the SavedModel's header checks raise InvalidArgumentError
         raise SearchError(f"could not embed the query images: {type(error).__name__}: "
                           f"{str(error).splitlines()[0] if str(error) else ''}") from error
@@ -119,7 +121,7 @@ def search(queries) -> None:
               for query, rows, label in zip(queries, results, predicted_labels(results))]
     text = json.dumps(output, indent=2) + "\n"
     if _OUTPUT_JSON.value:
-        from tfmir.cli.report import write_atomic
+        from tfmir.files import write_atomic
 
         write_atomic(_OUTPUT_JSON.value, text)
     else:

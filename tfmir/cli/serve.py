@@ -20,9 +20,8 @@ import signal
 
 from absl import app, flags
 
-# The same as tfmir.serving's defaults; repeated so that flag parsing does not wait for TensorFlow.
-DEFAULT_MAX_REQUEST_BYTES = 32 * 1024 * 1024
-DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
+# tfmir.serving does not import TensorFlow: flag parsing stays fast.
+from tfmir.serving import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_REQUEST_BYTES
 
 _INDEX = flags.DEFINE_string("index", None, "Index directory written by `tfmir index`.",
                              required=True)

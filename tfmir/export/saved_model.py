@@ -12,7 +12,7 @@ Keras), so stock TF Serving loads it unchanged and a consumer needs neither tfmi
   equally sized RGB images) -> the same preprocessing -> `{"embedding"}`.
 
 Layout: TF Serving watches `<base>/<version>/saved_model.pb`; `export_saved_model` writes one
-version directory atomically and records what it exported in
+version directory atomically (`tfmir.files.atomic_directory`) and records what it exported in
 `<version>/assets.extra/export_info.json` (TF Serving ignores `assets.extra/`).
 
 Example:
@@ -31,9 +31,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
-import uuid
 
 import keras
 import numpy as np
@@ -41,6 +38,8 @@ import tensorflow as tf
 
 import tfmir
 from tfmir.data.pipeline import decode_image, preprocess_image
+from tfmir.files import atomic_directory
+from tfmir.serving.backends import DEFAULT_MAX_IMAGE_PIXELS, JPEG_SIGNATURE, PNG_SIGNATURE
 
 SERVING_SIGNATURE = "serving_default"
 PIXELS_SIGNATURE = "embed_pixels"
@@ -48,10 +47,7 @@ OUTPUT_KEY = "embedding"
 EXPORT_INFO_DIR = "assets.extra"
 EXPORT_INFO_FILE = "export_info.json"
 EXPORT_FORMAT_VERSION = 1
-DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
 
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_JPEG_SIGNATURE = b"\xff\xd8\xff"
 # PNG: 8-byte signature, then the IHDR chunk: length (4), "IHDR" (4), width (4), height (4), the
 # other 5 header bytes and a CRC (4). Width and height are big-endian unsigned 32-bit integers.
 _IHDR_TYPE_OFFSET = 12
@@ -104,8 +100,8 @@ def _image_shape(encoded: tf.Tensor, max_image_pixels: int) -> tf.Tensor:
     not_empty = tf.debugging.assert_positive(
         length, message="image bytes are empty (a zero-length string)")
     with tf.control_dependencies([not_empty]):
-        is_png = tf.equal(tf.strings.substr(encoded, 0, len(_PNG_SIGNATURE)), _PNG_SIGNATURE)
-        is_jpeg = tf.equal(tf.strings.substr(encoded, 0, len(_JPEG_SIGNATURE)), _JPEG_SIGNATURE)
+        is_png = tf.equal(tf.strings.substr(encoded, 0, len(PNG_SIGNATURE)), PNG_SIGNATURE)
+        is_jpeg = tf.equal(tf.strings.substr(encoded, 0, len(JPEG_SIGNATURE)), JPEG_SIGNATURE)
     known_format = tf.debugging.assert_equal(
         tf.logical_or(is_png, is_jpeg), True,
         message="image bytes are neither JPEG nor PNG (unknown file signature)")
@@ -214,22 +210,6 @@ def _write_export_info(directory: str, info: dict) -> None:
         stream.write("\n")
 
 
-def _move_into_place(source: str, target: str) -> None:
-    """Renames `source` to `target`; an existing `target` is swapped out, and back on failure."""
-    if not os.path.exists(target):
-        os.rename(source, target)
-        return
-    parent, name = os.path.split(target)
-    previous = os.path.join(parent, f".{name}.previous-{uuid.uuid4().hex[:8]}")
-    os.rename(target, previous)
-    try:
-        os.rename(source, target)
-    except BaseException:
-        os.rename(previous, target)
-        raise
-    shutil.rmtree(previous, ignore_errors=True)
-
-
 def export_saved_model(model, directory, *, resize_size: int,
                        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
                        model_fingerprint: str | None = None) -> str:
@@ -305,17 +285,10 @@ def export_saved_model(model, directory, *, resize_size: int,
         },
     }
 
-    parent, name = os.path.split(directory)
-    os.makedirs(parent, exist_ok=True)
     # A hidden, non-numeric name: TF Serving never mistakes a half-written export for a version.
-    temporary = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=parent)
-    try:
-        tf.saved_model.save(module, temporary, signatures=signatures)
-        _write_export_info(temporary, info)
-        _move_into_place(temporary, directory)
-    finally:
-        if os.path.exists(temporary):
-            shutil.rmtree(temporary, ignore_errors=True)
+    with atomic_directory(directory) as temporary:
+        tf.saved_model.save(module, str(temporary), signatures=signatures)
+        _write_export_info(str(temporary), info)
     return directory
 
 

@@ -15,37 +15,37 @@ Index directory (format version 1):
     codes.npy       uint64 (count, words) packed bit codes (hamming)
     scann/          the ScaNN searcher's own files (scann only)
 
-`save` writes into a temporary sibling directory, fsyncs every file, writes the
-manifest last and renames the directory into place, so a crash never leaves a
-directory that loads as a valid index. `load` refuses a directory without a
-manifest, a file whose sha256 differs from the manifest, an unknown format
-version, and an index whose dimension, metric or model fingerprint differs from
-the expected one.
+`save` writes into a temporary sibling directory, writes the manifest last, fsyncs
+everything and renames the directory into place (`tfmir.files.atomic_directory`),
+so a crash never leaves a directory that loads as a valid index. `load` refuses a
+directory without a manifest, a file whose sha256 differs from the manifest, an
+unknown format version, and an index whose dimension, metric or model fingerprint
+differs from the expected one (the last with `FingerprintMismatchError`).
 """
 
 import datetime
 import hashlib
 import json
 import numbers
-import os
 import pathlib
-import secrets
-import shutil
-import tempfile
 
 import numpy as np
 
 import tfmir
+from tfmir.files import ASIDE_MARKER, TEMPORARY_MARKER, atomic_directory
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 TABLE_FILE = "table.jsonl"
 TABLE_COLUMNS = ("id", "label", "source", "path")
-# Sibling directories made by `save`; a name carrying either marker is never an index.
-TEMPORARY_MARKER = ".tfmir-tmp-"
-ASIDE_MARKER = ".tfmir-old-"
+# Sibling directories made by `save` carry TEMPORARY_MARKER or ASIDE_MARKER (from
+# `tfmir.files`) in their names; such a directory is never an index.
 
 _KINDS = {}
+
+
+class FingerprintMismatchError(ValueError):
+    """`Index.load` found an index made by another model than the expected one (both named)."""
 
 
 class Index:
@@ -290,12 +290,13 @@ class Index:
         """Writes the index directory atomically and returns its path.
 
         Everything is written into a temporary sibling directory (named with
-        `TEMPORARY_MARKER`, which `load` refuses), each file is fsynced, the
-        manifest is written last, and the directory is renamed into place. An
-        existing index at `directory` is renamed aside first and deleted only
-        after the new one is in place; if the final rename fails the old one is
-        renamed back. A crash between those two renames leaves the previous
-        index in a sibling named with `ASIDE_MARKER` (rename it back to recover).
+        `TEMPORARY_MARKER`, which `load` refuses), the manifest last; then every
+        file is fsynced and the directory is renamed into place. An existing
+        index at `directory` is renamed aside first and deleted only after the
+        new one is in place; if the final rename fails the old one is renamed
+        back. A crash between those two renames leaves the previous index in a
+        sibling named with `ASIDE_MARKER` (rename it back to recover). See
+        `tfmir.files.atomic_directory`.
 
         Args:
             directory: Target directory. Its parent is created if needed. An
@@ -317,30 +318,17 @@ class Index:
                     f"Refusing to replace {str(target)!r}: it exists and is not an index "
                     "directory (no manifest.json)."
                 )
-        target.parent.mkdir(parents=True, exist_ok=True)
-        temporary = pathlib.Path(
-            tempfile.mkdtemp(prefix=f".{target.name}{TEMPORARY_MARKER}", dir=target.parent)
-        )
-        try:
+        with atomic_directory(target) as temporary:
             self._write_table(temporary / TABLE_FILE)
-            _write_with_fsync(temporary / self.data_file, lambda f: np.save(f, self._data))
+            np.save(temporary / self.data_file, self._data)
             self._write_searcher(temporary)
-            files = {}
-            for path in sorted(temporary.rglob("*")):
-                if path.is_file():
-                    _fsync_file(path)
-                    files[path.relative_to(temporary).as_posix()] = _sha256(path)
+            files = {
+                path.relative_to(temporary).as_posix(): _sha256(path)
+                for path in sorted(temporary.rglob("*"))
+                if path.is_file()
+            }
             manifest = self._manifest(files)
-            _write_with_fsync(
-                temporary / MANIFEST_FILE,
-                lambda f: f.write(json.dumps(manifest, indent=2, sort_keys=True).encode()),
-            )
-            for path in [*sorted(p for p in temporary.rglob("*") if p.is_dir()), temporary]:
-                _fsync_directory(path)
-            _move_into_place(temporary, target)
-        except BaseException:
-            shutil.rmtree(temporary, ignore_errors=True)
-            raise
+            (temporary / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True))
         return target
 
     @classmethod
@@ -368,9 +356,11 @@ class Index:
             An `ExactIndex`, `ScannIndex` or `HammingIndex`.
 
         Raises:
+            FingerprintMismatchError: (a ValueError) the index was made by
+                another model than `expected_model_fingerprint` (both named).
             ValueError: on a missing directory or manifest (e.g. a half-written
                 index), a leftover directory of an interrupted save, an unknown
-                format version or kind, a missing or modified file, or a
+                format version or kind, a missing or modified file, or another
                 mismatch with an expected value (both values named).
         """
         directory = pathlib.Path(directory)
@@ -414,7 +404,10 @@ class Index:
         _check_expected("dimension", manifest.get("dimension"), expected_dimension)
         _check_expected("metric", manifest.get("metric"), expected_metric)
         _check_expected(
-            "model fingerprint", manifest.get("model_fingerprint"), expected_model_fingerprint
+            "model fingerprint",
+            manifest.get("model_fingerprint"),
+            expected_model_fingerprint,
+            error=FingerprintMismatchError,
         )
         _verify_files(directory, manifest, required=(TABLE_FILE, index_class.data_file))
 
@@ -543,12 +536,10 @@ class Index:
         return entry
 
     def _write_table(self, path):
-        def write(f):
+        with open(path, "w", encoding="utf-8") as f:
             for row in range(len(self._ids)):
-                line = json.dumps(self._table_row(row, with_row=False), ensure_ascii=False)
-                f.write(line.encode("utf-8") + b"\n")
-
-        _write_with_fsync(path, write)
+                f.write(json.dumps(self._table_row(row, with_row=False), ensure_ascii=False))
+                f.write("\n")
 
     def _manifest(self, files):
         manifest = {
@@ -587,23 +578,6 @@ class Index:
         return np.ascontiguousarray(array)
 
 
-def _move_into_place(temporary, target):
-    parent = target.parent
-    if not target.exists():
-        os.rename(temporary, target)
-        _fsync_directory(parent)
-        return
-    aside = parent / f".{target.name}{ASIDE_MARKER}{secrets.token_hex(4)}"
-    os.rename(target, aside)
-    try:
-        os.rename(temporary, target)
-    except BaseException:
-        os.rename(aside, target)
-        raise
-    _fsync_directory(parent)
-    shutil.rmtree(aside, ignore_errors=True)
-
-
 def _refuse_save_marker_name(target):
     if TEMPORARY_MARKER in target.name or ASIDE_MARKER in target.name:
         raise ValueError(
@@ -635,9 +609,9 @@ def _verify_files(directory, manifest, required):
             )
 
 
-def _check_expected(what, actual, expected):
+def _check_expected(what, actual, expected, error=ValueError):
     if expected is not None and actual != expected:
-        raise ValueError(
+        raise error(
             f"Index {what} mismatch: the index has {what} {actual!r}, expected {expected!r}."
         )
 
@@ -713,32 +687,6 @@ def _preview(items, limit=10):
     shown = ", ".join(repr(item) for item in items[:limit])
     more = f", ... ({len(items)} in all)" if len(items) > limit else ""
     return f"[{shown}{more}]"
-
-
-def _write_with_fsync(path, write):
-    with open(path, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_file(path):
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_directory(path):
-    # Directory fsync makes the renames durable; not every platform allows it.
-    try:
-        descriptor = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
 
 
 def _sha256(path):

@@ -1,8 +1,8 @@
 """Embedding images for an index: load a model from either form, embed in resumable shards.
 
-`load_model_embedder` accepts a SavedModel written by `tfmir export` (its base directory or a
-version directory) or a `.keras` checkpoint written by `tfmir train`, and returns a
-`ModelEmbedder`: a callable from `Examples` to float32 embeddings plus the model's fingerprint.
+`load_embedding_function` accepts a SavedModel written by `tfmir export` (its base directory or
+a version directory) or a `.keras` checkpoint written by `tfmir train`, and returns an
+`EmbeddingFunction`: a callable from `Examples` to float32 embeddings plus the model's fingerprint.
 
 - SavedModel: images on disk go through `serving_default` as file bytes (the same path as TF
   Serving and `tfmir serve`: header checks, decode, resize, centre crop inside the graph); files
@@ -20,8 +20,9 @@ and the shards whose ids still match (under the same fingerprint and shard size)
 Example:
 
 ```python
-embedder = load_model_embedder("exported/tfmir")
-vectors = embed_in_shards(embedder, [examples], "archive_index.shards", shard_size=4096)
+embed = load_embedding_function("exported/tfmir")
+vectors = embed_in_shards(embed, [examples], "archive_index.shards",
+                          fingerprint=embed.fingerprint, shard_size=4096)
 ```
 """
 
@@ -31,7 +32,6 @@ import io
 import json
 import os
 import shutil
-import tempfile
 import zipfile
 from collections.abc import Callable, Sequence
 
@@ -39,6 +39,7 @@ import numpy as np
 from absl import logging
 
 from tfmir.data import Examples
+from tfmir.files import write_atomic, write_json
 
 CONFIG_FILE = "config.json"
 SHARD_MANIFEST_FILE = "manifest.json"
@@ -46,7 +47,7 @@ SHARD_FORMAT_VERSION = 1
 _NATIVE_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")
 
 
-class ModelEmbedder:
+class EmbeddingFunction:
     """A loaded embedding model: call it on `Examples` to get float32 (N, D) embeddings.
 
     Args:
@@ -95,7 +96,7 @@ def _encoded_file(path: str) -> bytes:
     return buffer.getvalue()
 
 
-def _saved_model_embedder(path: str) -> ModelEmbedder:
+def _saved_model_function(path: str) -> EmbeddingFunction:
     from tfmir.export import read_export_info, resolve_export_directory
 
     directory = resolve_export_directory(path)
@@ -123,11 +124,12 @@ def _saved_model_embedder(path: str) -> ModelEmbedder:
         encoded = tf.constant([_encoded_file(str(item)) for item in examples.paths])
         return functions["images"](images=encoded)["embedding"].numpy()
 
-    return ModelEmbedder(embed, fingerprint=str(info["model_fingerprint"]),
-                         description=f"SavedModel {directory}")
+    return EmbeddingFunction(embed, fingerprint=str(info["model_fingerprint"]),
+                             description=f"SavedModel {directory}")
 
 
-def _checkpoint_embedder(path: str, resize_size: int | None, batch_size: int) -> ModelEmbedder:
+def _checkpoint_function(path: str, resize_size: int | None,
+                         batch_size: int) -> EmbeddingFunction:
     resize_size = read_resize_size(path, resize_size)
     if not zipfile.is_zipfile(path):
         raise ValueError(f"{path} is not a valid .keras file (not a zip archive); it may be "
@@ -147,12 +149,12 @@ def _checkpoint_embedder(path: str, resize_size: int | None, batch_size: int) ->
     def embed(examples: Examples) -> np.ndarray:
         return embed_examples(model, examples, resize_size=resize_size, batch_size=batch_size)
 
-    return ModelEmbedder(embed, fingerprint=model_fingerprint(model),
-                         description=f"Keras checkpoint {path} (resize_size {resize_size})")
+    return EmbeddingFunction(embed, fingerprint=model_fingerprint(model),
+                             description=f"Keras checkpoint {path} (resize_size {resize_size})")
 
 
-def load_model_embedder(path: str | os.PathLike, *, resize_size: int | None = None,
-                        batch_size: int = 256) -> ModelEmbedder:
+def load_embedding_function(path: str | os.PathLike, *, resize_size: int | None = None,
+                            batch_size: int = 256) -> EmbeddingFunction:
     """Loads a SavedModel export (base or version directory) or a `.keras` checkpoint.
 
     Args:
@@ -162,7 +164,7 @@ def load_model_embedder(path: str | os.PathLike, *, resize_size: int | None = No
         batch_size: images per model call for a checkpoint.
 
     Returns:
-        A `ModelEmbedder`.
+        An `EmbeddingFunction`.
 
     Raises:
         ValueError: a missing path, a file that is not a `.keras` checkpoint, a directory without
@@ -174,31 +176,17 @@ def load_model_embedder(path: str | os.PathLike, *, resize_size: int | None = No
                          "`tfmir export` or a .keras checkpoint from `tfmir train`.")
     if os.path.isdir(path):
         try:
-            return _saved_model_embedder(path)
+            return _saved_model_function(path)
         except FileNotFoundError as error:
             raise ValueError(str(error)) from error
     if not path.endswith(".keras"):
         raise ValueError(f"model {path} is neither a SavedModel directory nor a .keras "
                          "checkpoint.")
-    return _checkpoint_embedder(path, resize_size, batch_size)
+    return _checkpoint_function(path, resize_size, batch_size)
 
 
 def shard_path(directory: str | os.PathLike, number: int) -> str:
     return os.path.join(os.fspath(directory), f"shard-{number:05d}.npz")
-
-
-def _write_atomic(path: str, write: Callable) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(prefix=".partial-", dir=directory)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            write(stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
 
 
 def _read_shard(path: str, expected_ids: np.ndarray) -> np.ndarray | None:
@@ -230,8 +218,7 @@ def _prepare_directory(directory: str, manifest: dict) -> None:
                         "size or dataset (%s)", directory, previous)
         shutil.rmtree(directory)
     os.makedirs(directory, exist_ok=True)
-    _write_atomic(path, lambda stream: stream.write(
-        json.dumps(manifest, indent=2, sort_keys=True).encode()))
+    write_json(path, manifest)
 
 
 def embed_in_shards(embed: Callable[[Examples], np.ndarray], parts: Sequence[Examples],
@@ -240,7 +227,7 @@ def embed_in_shards(embed: Callable[[Examples], np.ndarray], parts: Sequence[Exa
     """Embeds the rows of `parts` (in order) shard by shard, reusing shards already on disk.
 
     Args:
-        embed: function from `Examples` to (N, D) embeddings (e.g. a `ModelEmbedder`); it is
+        embed: function from `Examples` to (N, D) embeddings (e.g. an `EmbeddingFunction`); it is
             called on at most `batch_size` rows at a time.
         parts: the items; their rows are numbered in order across the parts. Ids must be unique.
         directory: the shard folder (created; `<index>.shards` by convention).
@@ -299,8 +286,8 @@ def embed_in_shards(embed: Callable[[Examples], np.ndarray], parts: Sequence[Exa
                     bar.add(batch_stop - batch_start)
             embeddings = np.concatenate(batches)
             shard_ids = ids[start:stop]
-            _write_atomic(path, lambda stream: np.savez(stream, ids=shard_ids,
-                                                        embeddings=embeddings))
+            write_atomic(path, lambda stream: np.savez(stream, ids=shard_ids,
+                                                       embeddings=embeddings))
         shards.append(embeddings)
     if reused:
         logging.info("reused %d of %d finished shards in %s", reused, len(shards), directory)

@@ -117,6 +117,35 @@ def _as_bits(codes):
     )
 
 
+def sign_codes(embeddings) -> np.ndarray:
+    """Binary codes of real-valued embeddings: bit i is set where component i is positive.
+
+    The sign is how an embedding model's output becomes a code for a `HammingIndex`
+    (`tfmir index --kind=hamming`, and the queries of `tfmir search` and `tfmir serve`):
+    D-dimensional embeddings give D-bit codes, and the Hamming distance counts the
+    components whose signs differ. Bit codes already binary ({0, 1}, {-1, +1}, bool)
+    come back unchanged (as bools), so the codes of a hashing model can go through it too.
+
+    Args:
+        embeddings: Array (N, D) or one vector (D,) of finite numbers.
+
+    Returns:
+        bool array of the same shape, `embeddings > 0`.
+
+    Raises:
+        ValueError: on NaN or infinite values.
+
+    Example:
+
+    >>> sign_codes([[0.3, -0.1, 0.0, 2.0]])
+    array([[ True, False, False,  True]])
+    """
+    embeddings = np.asarray(embeddings, dtype=np.float32)
+    if not np.all(np.isfinite(embeddings)):
+        raise ValueError("embeddings have NaN or infinite values; they have no sign code.")
+    return embeddings > 0
+
+
 class HammingIndex(Index):
     """Exact Hamming-distance search over binary codes packed into uint64 words.
 

@@ -32,7 +32,8 @@ def recall_at_k(query_labels, neighbor_labels, k: int) -> float:
     Reference:
         Song et al., "Deep Metric Learning via Lifted Structured Feature
         Embedding", CVPR 2016, https://arxiv.org/abs/1511.06452 — the protocol
-        of the universal multi-source MIR distillation paper (DESIGN.md).
+        of Feng et al., "Universal Model for Multi-Domain Medical Image
+        Retrieval", https://arxiv.org/abs/2007.08628, Sec. IV (Table I).
     """
     return float(np.mean(recall_hits(query_labels, neighbor_labels, k)))
 
@@ -144,7 +145,8 @@ def retrieval_metrics(
 
     Reference:
         Song et al., CVPR 2016, https://arxiv.org/abs/1511.06452 (Recall@K), as
-        used by the universal multi-source MIR distillation paper (DESIGN.md).
+        used by Feng et al., "Universal Model for Multi-Domain Medical Image
+        Retrieval", https://arxiv.org/abs/2007.08628, Sec. IV (Table I).
     """
     labels = _as_label_vector(labels, "labels")
     ks = tuple(ks)

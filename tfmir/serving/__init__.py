@@ -11,11 +11,12 @@ server.serve_forever()   # POST /search, GET /healthz
 ```
 """
 
-from tfmir.serving.embedders import (
+from tfmir.serving.backends import (
+    DEFAULT_MAX_IMAGE_PIXELS,
     BackendError,
-    LocalEmbedder,
+    LocalBackend,
     RequestError,
-    TFServingEmbedder,
+    TFServingBackend,
     check_image,
 )
 from tfmir.serving.retrieval import SearchError, load_index, predicted_labels, search_sources
@@ -24,18 +25,18 @@ from tfmir.serving.server import (
     SearchServer,
     make_server,
 )
-from tfmir.serving.service import DEFAULT_MAX_IMAGE_PIXELS, SearchService
+from tfmir.serving.service import SearchService
 
 __all__ = [
     "DEFAULT_MAX_IMAGE_PIXELS",
     "DEFAULT_MAX_REQUEST_BYTES",
     "BackendError",
-    "LocalEmbedder",
+    "LocalBackend",
     "RequestError",
     "SearchError",
     "SearchServer",
     "SearchService",
-    "TFServingEmbedder",
+    "TFServingBackend",
     "check_image",
     "load_index",
     "make_server",

@@ -2,13 +2,14 @@
 
 - `load_index` loads an index directory and refuses one built by another model (its manifest
   records the model fingerprint).
-- `search_sources` is `Index.search` with an optional source filter.
+- `search_sources` is `Index.search` with an optional source filter; it turns embeddings into
+  query codes for a Hamming index (`tfmir.index.sign_codes`, as `tfmir index --kind=hamming`).
 - `predicted_labels` is the majority label of each query's results (deep kNN).
 
 Example:
 
 ```python
-index = load_index("indexes/skin", fingerprint=embedder.fingerprint)
+index = load_index("indexes/skin", fingerprint=embed.fingerprint)
 results = search_sources(index, embeddings, k=8, source="skin")
 labels = predicted_labels(results)
 ```
@@ -36,14 +37,14 @@ def load_index(directory: str, fingerprint: str | None = None):
     Raises:
         SearchError: the directory is not a valid index, or it was built by another model.
     """
-    from tfmir.index import Index
+    from tfmir.index import FingerprintMismatchError, Index
 
     try:
         return Index.load(directory, expected_model_fingerprint=fingerprint)
+    except FingerprintMismatchError as error:
+        raise SearchError(f"the model does not match the index: {error} Use the model that "
+                          "built the index, or rebuild it with `tfmir index`.") from error
     except ValueError as error:
-        if fingerprint is not None and "model fingerprint mismatch" in str(error):
-            raise SearchError(f"the model does not match the index: {error} Use the model that "
-                              "built the index, or rebuild it with `tfmir index`.") from error
         raise SearchError(f"cannot load the index {directory}: {error}") from error
 
 
@@ -55,7 +56,8 @@ def search_sources(index, queries, k: int, source: str | None = None) -> list[li
 
     Args:
         index: a `tfmir.index.Index`.
-        queries: (Q, dimension) embeddings.
+        queries: (Q, dimension) embeddings. For a Hamming index, the signs of the embeddings are
+            the query codes (`tfmir.index.sign_codes`); bit codes pass through unchanged.
         k: results per query, at least 1 and at most the number of candidate rows.
         source: keep only rows of this source; None keeps all.
 
@@ -65,6 +67,10 @@ def search_sources(index, queries, k: int, source: str | None = None) -> list[li
     Raises:
         SearchError: `source` is not in the index, or it has fewer than k items.
     """
+    if index.kind == "hamming":
+        from tfmir.index import sign_codes
+
+        queries = sign_codes(queries)
     if source is None:
         return index.search(queries, k)
     count = int((index.sources == source).sum())

@@ -46,8 +46,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from absl import logging
 
 import tfmir
-from tfmir.serving.embedders import BackendError, RequestError
-from tfmir.serving.service import DEFAULT_MAX_IMAGE_PIXELS, SearchService
+from tfmir.serving.backends import DEFAULT_MAX_IMAGE_PIXELS, BackendError, RequestError
+from tfmir.serving.service import SearchService
 
 DEFAULT_MAX_REQUEST_BYTES = 32 * 1024 * 1024
 IMAGE_CONTENT_TYPES = ("image/jpeg", "image/png", "application/octet-stream")

@@ -1,7 +1,7 @@
-"""The search service behind `tfmir serve`, free of HTTP: an index, a query embedder, checks.
+"""The search service behind `tfmir serve`, free of HTTP: an index, a query backend, checks.
 
-`SearchService.load` loads an index directory and a query embedder (the model in-process, or TF
-Serving) and checks, before any request, that they belong together:
+`SearchService.load` loads an index directory and a query-embedding backend (the model
+in-process, or TF Serving) and checks, before any request, that they belong together:
 
 - in-process, or TF Serving with the local export given as `model`: the model fingerprint
   against the index manifest (`load_index`, as `tfmir search` does);
@@ -17,7 +17,7 @@ threads at once. The index is never modified while serving; `ExactIndex` searche
 ops on a read-only array, and ScaNN 1.4.2 releases the GIL in `search_batched` and answers
 concurrent searches on one searcher (only `upsert`, never called here, modifies it). TensorFlow
 functions (the SavedModel signature, the Keras embedding function) may be called from several
-threads; the SavedModel, which `ModelEmbedder` loads on first use, is loaded by the probe in
+threads; the SavedModel, which `EmbeddingFunction` loads on first use, is loaded by the probe in
 `load`, before any request thread exists.
 
 Example:
@@ -35,13 +35,9 @@ from collections import Counter
 
 from absl import logging
 
-from tfmir.serving.embedders import (BackendError, LocalEmbedder, RequestError,
-                                     TFServingEmbedder, check_image, probe_image)
+from tfmir.serving.backends import (DEFAULT_MAX_IMAGE_PIXELS, BackendError, LocalBackend,
+                                    RequestError, TFServingBackend, check_image, probe_image)
 from tfmir.serving.retrieval import SearchError, load_index, predicted_labels, search_sources
-
-# The same as tfmir.export.DEFAULT_MAX_IMAGE_PIXELS; repeated so that importing the service does
-# not wait for TensorFlow.
-DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
 
 
 class SearchService:
@@ -50,11 +46,11 @@ class SearchService:
     Args:
         index: a loaded `tfmir.index.Index`.
         embed: callable from a list of encoded images to float32 (N, index.dimension)
-            embeddings, with `backend` and `fingerprint` attributes (`LocalEmbedder`,
-            `TFServingEmbedder`).
+            embeddings, with `backend`, `description` and `fingerprint` attributes
+            (`LocalBackend`, `TFServingBackend`).
         k: results per query when a request does not say.
         max_image_pixels: images with more pixels (height × width, from the header) are refused.
-        fingerprint_checked: whether the embedder's model was checked against the index
+        fingerprint_checked: whether the backend's model was checked against the index
             fingerprint (reported by `health`).
     """
 
@@ -77,7 +73,7 @@ class SearchService:
              k: int = 8, tf_serving_url: str | None = None,
              max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
              resize_size: int | None = None) -> "SearchService":
-        """Loads the index and the embedder and checks that they belong together.
+        """Loads the index and the query backend and checks that they belong together.
 
         Args:
             index_directory: an index directory written by `tfmir index`.
@@ -103,20 +99,21 @@ class SearchService:
         if not os.path.isdir(index_directory):
             raise SearchError(f"index {index_directory} is not a directory; build one with "
                               "`tfmir index`.")
-        from tfmir.index.embedding import load_model_embedder  # imports TensorFlow
+        from tfmir.index.embedding import load_embedding_function  # imports TensorFlow
 
         try:
             if tf_serving_url is None:
                 if model is None:
                     raise SearchError("a model is needed: give the model that built the index "
                                       "(--model), or a TF Serving URL (--tf_serving_url).")
-                embed = LocalEmbedder(model, resize_size=resize_size)
+                embed = LocalBackend(model, resize_size=resize_size)
                 fingerprint = embed.fingerprint
             else:
-                embed = TFServingEmbedder(tf_serving_url)
+                embed = TFServingBackend(tf_serving_url)
                 fingerprint = None
                 if model is not None:  # for its fingerprint (a SavedModel is not even loaded)
-                    fingerprint = load_model_embedder(model, resize_size=resize_size).fingerprint
+                    fingerprint = load_embedding_function(model,
+                                                          resize_size=resize_size).fingerprint
         except SearchError:
             raise
         except ValueError as error:

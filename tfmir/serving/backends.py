@@ -1,24 +1,26 @@
-"""Query embedding for `tfmir serve`: the model in-process, or TF Serving over REST.
+"""Query-embedding backends of `tfmir serve`: the model in-process, or TF Serving (REST).
 
 Both backends are callables from a list of encoded JPEG or PNG files (bytes) to float32 (N, D)
 embeddings and carry the model `fingerprint` (None when it cannot be known):
 
-- `LocalEmbedder` loads the model with `tfmir.index.embedding.load_model_embedder`, the loader of
-  `tfmir index` and `tfmir search`, so a query is embedded exactly as `tfmir search` embeds a
+- `LocalBackend` loads the model with `tfmir.index.embedding.load_embedding_function`, the loader
+  of `tfmir index` and `tfmir search`, so a query is embedded exactly as `tfmir search` embeds a
   query file: a SavedModel through its `serving_default` signature, a `.keras` checkpoint through
   the evaluation pipeline.
-- `TFServingEmbedder` POSTs TF Serving's REST predict request
+- `TFServingBackend` POSTs TF Serving's REST predict request
   `{"instances": [{"b64": ...}]}` to `<url>:predict` and reads `predictions`.
 
 `check_image` refuses what must not reach either backend (empty bytes, neither JPEG nor PNG, an
-unreadable header, more pixels than allowed) from the image header alone. Errors that are the
-client's carry an HTTP status (`RequestError`); a failing backend raises `BackendError`.
+unreadable header, more than `DEFAULT_MAX_IMAGE_PIXELS` or the given number of pixels) from the
+image header alone; a SavedModel from `tfmir export` makes the same checks in its graph, with the
+same default. Errors that are the client's carry an HTTP status (`RequestError`); a failing
+backend raises `BackendError`.
 
 Example:
 
 ```python
-embed = LocalEmbedder("exported/tfmir")
-check_image(data, max_image_pixels=50_000_000)
+embed = LocalBackend("exported/tfmir")
+check_image(data, max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS)
 vectors = embed([data])  # float32 (1, D)
 ```
 """
@@ -39,6 +41,10 @@ import numpy as np
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 JPEG_SIGNATURE = b"\xff\xd8\xff"
+# The most pixels (height × width, from the header) an image may have before it is decoded, for
+# `tfmir serve`, `tfmir export` and `tfmir.export.export_saved_model`. Decoding takes several
+# bytes per pixel; a decompression bomb is a small file whose header promises a huge image.
+DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
 DEFAULT_TIMEOUT_SECONDS = 30.0
 
 
@@ -135,11 +141,11 @@ def _refused_image(message: str) -> RequestError:
     return RequestError(status, f"the model could not read the image: {message}")
 
 
-class LocalEmbedder:
+class LocalBackend:
     """Embeds encoded images with a model loaded in this process.
 
     The query bytes are written to a private temporary directory for the duration of the call
-    (and deleted after it), because `ModelEmbedder`, the loader `tfmir search` uses, embeds
+    (and deleted after it), because the `EmbeddingFunction` that `tfmir search` uses embeds
     image files; the same bytes then give the same embedding as `tfmir search` on that file.
 
     Args:
@@ -148,17 +154,17 @@ class LocalEmbedder:
         resize_size: resize side for a `.keras` checkpoint (default: its `config.json`).
 
     Raises:
-        ValueError: the model cannot be loaded (see `load_model_embedder`).
+        ValueError: the model cannot be loaded (see `load_embedding_function`).
     """
 
     backend = "in-process"
 
     def __init__(self, model: str | os.PathLike, *, resize_size: int | None = None):
-        from tfmir.index.embedding import load_model_embedder
+        from tfmir.index.embedding import load_embedding_function
 
-        self.embedder = load_model_embedder(model, resize_size=resize_size)
-        self.fingerprint = self.embedder.fingerprint
-        self.description = self.embedder.description
+        self.embed = load_embedding_function(model, resize_size=resize_size)
+        self.fingerprint = self.embed.fingerprint
+        self.description = self.embed.description
 
     def __call__(self, images: list[bytes]) -> np.ndarray:
         import tensorflow as tf
@@ -175,12 +181,12 @@ class LocalEmbedder:
                                 ids=[str(number) for number in range(len(paths))],
                                 class_names=("",), paths=paths)
             try:
-                return self.embedder(examples)
+                return self.embed(examples)
             except tf.errors.InvalidArgumentError as error:  # header checks, decoding
                 raise _refused_image(model_error_message(error.message)) from error
 
 
-class TFServingEmbedder:
+class TFServingBackend:
     """Embeds encoded images by calling TF Serving's REST predict API.
 
     Args:
@@ -191,7 +197,7 @@ class TFServingEmbedder:
     Example:
 
     ```python
-    embed = TFServingEmbedder("http://localhost:8501/v1/models/tfmir")
+    embed = TFServingBackend("http://localhost:8501/v1/models/tfmir")
     vectors = embed([open("query.jpg", "rb").read()])
     ```
     """
