@@ -49,10 +49,11 @@ import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 import measure  # noqa: E402  (benchmarks/measure.py, beside this script)
-from tfmir.data import make_dataset  # noqa: E402
+from tfmir.data import ClassBalancedSampler, make_dataset  # noqa: E402
 from tfmir.losses import MultiSimilarity  # noqa: E402
-from tfmir.models import Embedder, get_preset  # noqa: E402
-from tfmir.training import evaluate_retrieval, make_sampler, train_embedder  # noqa: E402
+from tfmir.configs import get_config  # noqa: E402
+from tfmir.models import Embedder  # noqa: E402
+from tfmir.training import evaluate_retrieval, train_embedder  # noqa: E402
 
 PRESET_DEFAULTS = {
     # preset: (num_images, embedding batch_size, train_steps per timed epoch)
@@ -137,8 +138,8 @@ def _embed_function(model):
 
 def _embed_all(embed, batches):
     def run():
-        for images in batches:
-            np.asarray(embed(images))
+        for element in batches:
+            np.asarray(embed(element["image"]))
     return run
 
 
@@ -149,7 +150,7 @@ def measure_embedding(examples, *, preset: str, precisions, batch_size: int, ima
     for _ in range(repeats):
         start = time.perf_counter()
         dataset = make_dataset(examples, training=False, batch_size=batch_size,
-                               image_size=image_size, resize_size=resize_size, with_labels=False)
+                               image_size=image_size, resize_size=resize_size, fields=("image",))
         build_seconds.append(time.perf_counter() - start)
     batches = list(dataset)  # decoded, resized and cropped, in memory: the model-only input
 
@@ -195,10 +196,12 @@ def measure_training(train, *, preset: str, precisions, jit: bool, steps: int, r
     configurations differed by up to 15 % here.
     """
     def training_dataset():
-        sampler = make_sampler(train, num_classes_per_batch=num_classes_per_batch,
-                               num_per_class=num_per_class, seed=seed)
-        return make_dataset(train, training=True, sampler=sampler, image_size=image_size,
-                            resize_size=resize_size, seed=seed)
+        sampler = ClassBalancedSampler(train.labels, num_classes_per_batch=num_classes_per_batch,
+                                       num_per_class=num_per_class, seed=seed)
+        dataset = make_dataset(train, training=True, sampler=sampler, image_size=image_size,
+                               resize_size=resize_size, seed=seed)
+        # The Embedder compiled with a MultiSimilarity loss trains on (images, labels) pairs.
+        return dataset.map(lambda inputs, targets: (inputs["image"], targets["label"]))
 
     first_batch = next(iter(training_dataset()))
     configs = [(False, "in_memory"), (False, "pipeline")] + ([(True, "in_memory")] if jit else [])
@@ -381,16 +384,15 @@ def main(argv) -> None:
 
         splits = load_sample()
     preset = _PRESET.value
-    settings = get_preset(preset)
+    config = get_config(f"specialist:{preset}")
     default_images, default_batch, default_steps = PRESET_DEFAULTS[preset]
     num_images = _NUM_IMAGES.value or default_images
     batch_size = _BATCH_SIZE.value or default_batch
     train_steps = _TRAIN_STEPS.value or default_steps
-    image_size = settings["model"]["image_size"]
-    resize_size = settings["data"]["resize_size"]
-    schedule = settings["training"]
-    num_classes_per_batch = _CLASSES.value or schedule["num_classes_per_batch"]
-    num_per_class = _PER_CLASS.value or schedule["num_per_class"]
+    image_size = config.task.model["image_size"]
+    resize_size = config.data.resize_size
+    num_classes_per_batch = _CLASSES.value or config.sampler.num_classes_per_batch
+    num_per_class = _PER_CLASS.value or config.sampler.num_per_class
     precisions = list(_PRECISIONS.value)
     repeats = _REPEATS.value
     print(f"preset={preset}: image_size={image_size}, resize_size={resize_size}; embedding "
@@ -422,7 +424,7 @@ def main(argv) -> None:
             splits["train"], preset=preset, precisions=precisions, jit=_JIT.value,
             steps=train_steps, repeats=repeats, image_size=image_size, resize_size=resize_size,
             num_classes_per_batch=num_classes_per_batch, num_per_class=num_per_class,
-            learning_rate=schedule["learning_rate"], seed=_SEED.value)
+            learning_rate=config.optimizer.learning_rate, seed=_SEED.value)
         print(f"  training measured ({measure.load_average()})", flush=True)
 
     print(f"\nThroughput, preset={preset} (median [min–max] of {repeats} runs during which other "

@@ -141,7 +141,7 @@ import time
 import numpy as np
 from absl import app, flags, logging
 
-from tfmir.models import PRESETS
+from tfmir.configs.universal import SETTINGS
 
 # The shared data folder sits beside the repository: <root>/main (this repository) and
 # <root>/shared/data.
@@ -189,7 +189,7 @@ EVAL_KS = (1, 2, 4, 8)
 SMOKE = {"per_class": 20, "epochs": 2, "steps_per_epoch": 2}
 SPLITS = ("train", "val", "test")
 
-_PRESET = flags.DEFINE_enum("preset", "cpu", list(PRESETS),
+_PRESET = flags.DEFINE_enum("preset", "cpu", list(SETTINGS),
                             "Model and schedule preset: cpu (2-core CPU), paper, tiny.")
 _SMOKE = flags.DEFINE_bool("smoke", False, f"Tiny preset (unless --preset is given), "
                            f"{SMOKE['epochs']} epochs of {SMOKE['steps_per_epoch']} steps, at most "
@@ -289,8 +289,8 @@ def to_memory(examples, side: int):
             bad = {path for path, _ in unreadable}
             examples = examples.subset([path not in bad for path in examples.paths])
     dataset = make_dataset(examples, training=False, batch_size=256, image_size=side,
-                           resize_size=side, with_labels=False)
-    images = np.concatenate([np.clip(np.round(batch.numpy()), 0, 255).astype(np.uint8)
+                           resize_size=side, fields=("image",))
+    images = np.concatenate([np.clip(np.round(batch["image"].numpy()), 0, 255).astype(np.uint8)
                              for batch in dataset])
     return dataclasses.replace(examples, images=images, paths=None, mask_paths=None)
 
@@ -506,17 +506,17 @@ def main(argv) -> None:
     del argv
     from tfmir.cli.report import write_atomic, write_json
     from tfmir.data import concatenate
-    from tfmir.models import get_preset
+    from tfmir.configs import get_config
     from tfmir.training import evaluate_retrieval, train_embedder
 
     start = time.time()
     smoke = _SMOKE.value
     preset = "tiny" if smoke and not flags.FLAGS["preset"].present else _PRESET.value
-    settings = get_preset(preset)
-    epochs = _EPOCHS.value or (SMOKE["epochs"] if smoke else settings["training"]["epochs"])
+    config = get_config(f"specialist:{preset}")
+    epochs = _EPOCHS.value or (SMOKE["epochs"] if smoke else config.epochs)
     steps_per_epoch = _STEPS.value or (SMOKE["steps_per_epoch"] if smoke
-                                       else settings["training"]["steps_per_epoch"])
-    resize_size = settings["data"]["resize_size"]
+                                       else config.steps_per_epoch)
+    resize_size = config.data.resize_size
     seed = _SEED.value
     verbose = 0 if smoke else 2
     workdir = pathlib.Path(_WORKDIR.value)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from tfmir.cli.main import COMMANDS
-from tfmir.cli.train import parse_source_weights
+from tfmir.models import Embedder  # registers the class that .keras files name
 
 
 def tfmir(*args, timeout=600):
@@ -34,7 +34,7 @@ def test_command_help_lists_its_flags(command):
     help_text = result.stdout + result.stderr
     assert f"tfmir {command}" in help_text
     # Flags defined by that command's module, not just absl's "Try --helpfull".
-    expected = {"train": ["--workdir", "--preset"], "search": ["--index", "--k"]}[command]
+    expected = {"train": ["--workdir", "--config"], "search": ["--index", "--k"]}[command]
     for flag in expected:
         assert flag + ":" in help_text, help_text[-2000:]
 
@@ -42,28 +42,63 @@ def test_command_help_lists_its_flags(command):
 def test_train_writes_models_and_test_table(shared_data_dir, tmp_path):
     workdir = tmp_path / "run"
     result = tfmir("train", f"--data=retina={shared_data_dir / 'retinamnist' / 'retinamnist.npz'}",
-                   "--preset=tiny", "--epochs=1", "--steps_per_epoch=3", f"--workdir={workdir}")
+                   "--config=specialist:tiny", "--config.epochs=1",
+                   "--config.steps_per_epoch=3", f"--workdir={workdir}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| retina | best |" in result.stdout
     results = json.loads((workdir / "results.json").read_text())
     recall = results["test"]["retina"]
     assert 0.0 <= recall["recall@1"] <= recall["recall@2"] <= recall["recall@4"] <= recall["recall@8"] <= 1.0
-    assert {"best.keras", "final.keras", "log.csv", "flags.txt", "table.md"} <= set(os.listdir(workdir))
+    assert {"best.keras", "final.keras", "log.csv", "flags.txt", "table.md",
+            "run.json"} <= set(os.listdir(workdir))
+    assert "--config.steps_per_epoch=3" in (workdir / "flags.txt").read_text()
+    config = json.loads((workdir / "run.json").read_text())["config"]
+    assert (config["epochs"], config["steps_per_epoch"], config["task"]["name"]) == (
+        1, 3, "metric_learning")
     model = keras.saving.load_model(workdir / "best.keras")
     assert model.predict(np.zeros((1, 32, 32, 3), "float32"), verbose=0).shape == (1, 128)
 
 
 def test_train_refuses_a_missing_dataset_by_name(tmp_path):
     result = tfmir("train", f"--data={tmp_path / 'nowhere'}", f"--workdir={tmp_path / 'run'}",
-                   "--preset=tiny")
+                   "--config=specialist:tiny")
     assert result.returncode != 0
     assert "nowhere" in result.stderr and "Expected [source=]location" in result.stderr
 
 
-def test_train_refuses_an_unknown_preset(tmp_path):
-    result = tfmir("train", "--data=sample", f"--workdir={tmp_path}", "--preset=huge")
+@pytest.mark.parametrize("arguments, message", [
+    (["--config=specialist:huge"], "setting must be one of ('tiny', 'cpu', 'paper'). "
+                                   "Received: 'huge'"),
+    (["--config=ynet"], "config must be one of ['specialist', 'universal']"),
+    (["--config.optimizer.lr=1"], "unknown config key 'optimizer.lr'; valid keys here are "
+                                  "['optimizer.name', 'optimizer.learning_rate'"),
+    (["--config.epochs=many"], "config key 'epochs' takes a int (default 8). Received: 'many'"),
+    (["--config.monitor=val_dice"], "monitor 'val_dice' is produced by no evaluator"),
+    (["--config.sampler.name=stratified"], "sampler must be one of ('class_balanced', "
+                                           "'source_aware', 'shuffled')"),
+])
+def test_train_refuses_bad_configs_in_one_line(arguments, message, tmp_path):
+    result = tfmir("train", "--data=sample", f"--workdir={tmp_path / 'run'}", *arguments)
     assert result.returncode != 0
-    assert "preset" in result.stderr and "huge" in result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_train_distils_the_universal_model_from_the_command_line(tmp_path):
+    specialist = tmp_path / "retina.keras"
+    keras.utils.set_random_seed(0)
+    Embedder.from_preset("tiny").save(specialist)
+    workdir = tmp_path / "universal"
+    result = tfmir("train", "--data=sample", "--config=universal:tiny", "--config.epochs=1",
+                   "--config.steps_per_epoch=4",
+                   f"--config.task.args.specialists={{'retina': '{specialist}'}}",
+                   f"--workdir={workdir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| retina | best |" in result.stdout and "| xray | best |" in result.stdout
+    log = (workdir / "log.csv").read_text().splitlines()
+    assert {"rkd_loss", "ms_loss", "val_recall@1_retina"} <= set(log[0].split(","))
+    student = keras.saving.load_model(workdir / "best.keras")
+    assert type(student).__name__ == "Embedder"
 
 
 def test_train_skips_unreadable_files_and_strict_refuses_them(shared_data_dir, tmp_path):
@@ -74,8 +109,9 @@ def test_train_skips_unreadable_files_and_strict_refuses_them(shared_data_dir, t
         (folder / label).mkdir(parents=True, exist_ok=True)
         (folder / label / source.name).write_bytes(source.read_bytes())
     (folder / "a" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
-    args = ("train", f"--data=skin={folder}", "--preset=tiny", "--epochs=1", "--steps_per_epoch=2",
-            "--classes_per_batch=2", "--per_class=3")
+    args = ("train", f"--data=skin={folder}", "--config=specialist:tiny", "--config.epochs=1",
+            "--config.steps_per_epoch=2", "--config.sampler.num_classes_per_batch=2",
+            "--config.sampler.num_per_class=3")
     lenient = tfmir(*args, f"--workdir={tmp_path / 'lenient'}")
     assert lenient.returncode == 0, lenient.stderr[-3000:]
     assert "broken.jpg" in lenient.stderr and "skipped 1 of 49" in lenient.stderr
@@ -101,10 +137,3 @@ def test_demo_smoke_prints_both_domains_and_writes_a_gallery(tmp_path):
             recall["trained"][source]["recall@1"] - recall["untrained"][source]["recall@1"])
         assert gain["low"] <= gain["difference"] <= gain["high"] and gain["num_queries"] == 400
         assert f"  {source}: {100 * gain['difference']:+.1f} points" in result.stdout
-
-
-def test_source_weights_flag_parsing():
-    assert parse_source_weights("size") == "size"
-    assert parse_source_weights("retina:1,xray:2.5") == {"retina": 1.0, "xray": 2.5}
-    with pytest.raises(ValueError, match="Received: 'retina'"):
-        parse_source_weights("retina")

@@ -1,9 +1,11 @@
 """Tests for tfmir.data.datasets: readers, file checks, splits and class balancing."""
 
 import csv
+import dataclasses
 import hashlib
 import logging
 import os
+import re
 import shutil
 import urllib.error
 import urllib.request
@@ -384,6 +386,48 @@ def test_concatenate_refuses_mixed_storage_and_sizes():
         concatenate([memory, _in_memory([0], sources="c", size=2)])
     with pytest.raises(ValueError, match="both hold source 'a'"):
         concatenate([memory, memory])
+
+
+def _with_masks(examples):
+    """`examples` with mask i filled with the value i (so subsets and joins can be traced)."""
+    height, width = examples.images.shape[1:3]
+    masks = np.broadcast_to(np.arange(len(examples), dtype=np.uint8)[:, None, None],
+                            (len(examples), height, width)).copy()
+    return dataclasses.replace(examples, masks=masks)
+
+
+def test_in_memory_masks_are_validated():
+    examples = _in_memory([0, 1], size=3)
+    assert examples.masks is None
+    masked = _with_masks(examples)
+    assert masked.masks.shape == (2, 3, 3) and masked.masks.dtype == np.uint8
+    with pytest.raises(ValueError, match=re.escape(
+            "masks must be uint8 of shape (2, 3, 3) (N, H, W), like images. "
+            "Received dtype uint8 and shape (2, 3, 4)")):
+        dataclasses.replace(examples, masks=np.zeros((2, 3, 4), np.uint8))
+    with pytest.raises(ValueError, match=re.escape(
+            "masks must be uint8 of shape (2, 3, 3) (N, H, W), like images. "
+            "Received dtype bool and shape (2, 3, 3)")):
+        dataclasses.replace(examples, masks=np.zeros((2, 3, 3), bool))
+    with pytest.raises(ValueError, match=re.escape(
+            "masks (in memory) need images in memory; give masks of images on disk as "
+            "mask_paths. Received masks with paths")):
+        Examples(labels=[0], sources="s", ids=["a"], class_names=("0",), paths=["/a.png"],
+                 masks=np.zeros((1, 3, 3), np.uint8))
+
+
+def test_subset_and_concatenate_keep_masks():
+    retina = _with_masks(_in_memory([0, 1, 1], sources="retina", size=2))
+    assert retina.subset([2, 0]).masks[:, 0, 0].tolist() == [2, 0]
+    xray = _with_masks(_in_memory([1, 0], sources="xray", size=2))
+    joined = concatenate([retina, xray])
+    assert joined.masks.shape == (5, 2, 2)
+    assert joined.masks[:, 0, 0].tolist() == [0, 1, 2, 0, 1]
+    assert concatenate([_in_memory([0], sources="a"), _in_memory([0], sources="b")]).masks is None
+    with pytest.raises(ValueError, match=re.escape(
+            "some parts have masks and others not (without masks: part 1 (xray)). Give every "
+            "part masks, or drop them with dataclasses.replace(part, masks=None)")):
+        concatenate([retina, _in_memory([1, 0], sources="xray", size=2)])
 
 
 # --- Splits and class balance -----------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Tests for tfmir.data.samplers: class-balanced and source-specific index batches."""
+"""Tests for tfmir.data.samplers: shuffled, class-balanced and source-specific index batches."""
 
 import collections
 import itertools
@@ -6,7 +6,12 @@ import itertools
 import numpy as np
 import pytest
 
-from tfmir.data.samplers import ClassBalancedSampler, SourceAwareSampler
+from tfmir.data.samplers import (
+    ClassBalancedSampler,
+    ReplicaShard,
+    ShuffledSampler,
+    SourceAwareSampler,
+)
 
 
 def _take(sampler, count):
@@ -117,3 +122,84 @@ def test_source_aware_errors_name_class_and_source():
         SourceAwareSampler(labels, sources, num_classes_per_batch=2)
     with pytest.raises(ValueError, match="one entry per label"):
         SourceAwareSampler(labels, sources[:3], num_classes_per_batch=2)
+
+
+def test_shuffled_sampler_permutes_each_epoch_and_drops_the_partial_batch():
+    sampler = ShuffledSampler(10, batch_size=3, seed=2)
+    assert (sampler.batch_size, sampler.num_items) == (3, 10)
+    batches = _take(sampler, 9)  # 10 // 3 = 3 batches per epoch: 3 epochs
+    assert all(batch.dtype == np.int64 and batch.shape == (3,) for batch in batches)
+    epochs = [np.concatenate(batches[start:start + 3]) for start in (0, 3, 6)]
+    for epoch in epochs:
+        assert len(set(epoch.tolist())) == 9  # 9 distinct of the 10 items; one left over
+    assert len({tuple(epoch.tolist()) for epoch in epochs}) == 3  # a fresh permutation each
+    assert all(np.array_equal(a, b) for a, b in zip(batches, _take(sampler, 9)))  # restarts
+    other = _take(ShuffledSampler(10, batch_size=3, seed=3), 9)
+    assert not all(np.array_equal(a, b) for a, b in zip(batches, other))
+
+
+def test_shuffled_sampler_is_validated():
+    with pytest.raises(ValueError, match="batch_size=11 exceeds num_items=10"):
+        ShuffledSampler(10, batch_size=11)
+    with pytest.raises(ValueError, match="num_items must be a positive integer. "
+                                         "Received: num_items=0"):
+        ShuffledSampler(0, batch_size=1)
+    with pytest.raises(ValueError, match="batch_size must be a positive integer. "
+                                         "Received: batch_size=2.5"):
+        ShuffledSampler(10, batch_size=2.5)
+
+
+def test_replica_slices_of_class_balanced_batches_hold_whole_classes():
+    labels = np.repeat(np.arange(8), 6)
+    sampler = ClassBalancedSampler(labels, num_classes_per_batch=4, num_per_class=3, seed=7)
+    shards = [ReplicaShard(sampler, num_replicas=2, replica_index=index) for index in range(2)]
+    assert [(shard.batch_size, shard.num_items) for shard in shards] == [(6, 48), (6, 48)]
+    global_batches = _take(sampler, 50)
+    slices = [_take(shard, 50) for shard in shards]
+    for step, batch in enumerate(global_batches):
+        parts = [slices[index][step] for index in range(2)]
+        assert np.array_equal(np.concatenate(parts), batch)
+        for part in parts:  # 4 / 2 = 2 whole classes of 3 images each
+            assert part.shape == (6,) and _class_counts(labels, part) == [3, 3]
+        assert not set(labels[parts[0]].tolist()) & set(labels[parts[1]].tolist())
+
+
+def test_replica_slices_of_source_aware_batches_are_single_source():
+    labels = np.concatenate([np.repeat(np.arange(4), 6), np.repeat(np.arange(4, 10), 4)])
+    sources = np.array(["derm"] * 24 + ["xray"] * 24)
+    sampler = SourceAwareSampler(labels, sources, num_classes_per_batch=4, num_per_class=2,
+                                 seed=3)
+    shards = [ReplicaShard(sampler, num_replicas=4, replica_index=index) for index in range(4)]
+    slices = [_take(shard, 100) for shard in shards]
+    for step, batch in enumerate(_take(sampler, 100)):
+        for index in range(4):
+            part = slices[index][step]
+            assert np.array_equal(part, batch[2 * index:2 * index + 2])
+            assert len(set(sources[part].tolist())) == 1
+            assert _class_counts(labels, part) == [2]  # 4 / 4 = one class of 2 images
+
+
+def test_replica_shard_errors_name_the_culprit():
+    labels = np.repeat(np.arange(6), 6)
+    balanced = ClassBalancedSampler(labels, num_classes_per_batch=3, num_per_class=2)
+    with pytest.raises(ValueError, match=r"the sampler's num_classes_per_batch=3 is not "
+                                         r"divisible by num_replicas=2: each replica must get "
+                                         r"whole classes. Received: num_replicas=2"):
+        ReplicaShard(balanced, num_replicas=2, replica_index=0)
+    with pytest.raises(ValueError, match=r"the sampler's batch_size=10 is not divisible by "
+                                         r"num_replicas=3. Received: num_replicas=3"):
+        ReplicaShard(ShuffledSampler(36, batch_size=10), num_replicas=3, replica_index=0)
+    with pytest.raises(ValueError, match=r"replica_index must be in \[0, num_replicas=2\). "
+                                         r"Received: replica_index=2"):
+        ReplicaShard(ShuffledSampler(36, batch_size=10), num_replicas=2, replica_index=2)
+    with pytest.raises(ValueError, match=r"num_replicas must be a positive integer. "
+                                         r"Received: num_replicas=0"):
+        ReplicaShard(balanced, num_replicas=0, replica_index=0)
+    # Source 'b' has 2 classes < num_classes_per_batch=4: its batches share their slots among
+    # the classes there are (±1 each), which fixed replica slices can cut in two: refused.
+    labels, sources = np.repeat([0, 1, 2, 3, 4, 5], 8), np.array(["a"] * 32 + ["b"] * 16)
+    aware = SourceAwareSampler(labels, sources, num_classes_per_batch=4, num_per_class=2)
+    with pytest.raises(ValueError, match=r"source 'b' has fewer than num_classes_per_batch=4 "
+                                         r"classes"):
+        ReplicaShard(aware, num_replicas=2, replica_index=1)
+    ReplicaShard(aware, num_replicas=1, replica_index=0)  # one replica takes whole batches

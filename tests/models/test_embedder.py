@@ -2,7 +2,8 @@ import keras
 import numpy as np
 import pytest
 
-from tfmir.models import BACKBONES, PRESETS, Embedder, build_backbone, get_preset
+from tfmir.configs import get_config
+from tfmir.models import BACKBONES, Embedder, build_backbone
 
 
 @pytest.fixture(scope="module")
@@ -38,21 +39,22 @@ def test_keras_save_and_load_gives_the_same_outputs(tiny, tmp_path):
                                atol=1e-6)
 
 
-def test_every_preset_names_the_three_parts():
-    assert {"tiny", "cpu", "paper"} <= set(PRESETS)
-    paper = get_preset("paper")
+def test_the_paper_config_is_paper_000s_setting():
+    paper = get_config("specialist:paper")
     # Paper 000, Sec. IV-B: ResNet50, 128-d, 224 crops of 256, batch 130, Adam 1e-5.
-    assert paper["model"]["backbone"] == "resnet50"
-    assert paper["model"]["embedding_dim"] == 128
-    assert (paper["model"]["image_size"], paper["data"]["resize_size"]) == (224, 256)
-    training = paper["training"]
-    assert training["num_classes_per_batch"] * training["num_per_class"] == 130
-    assert training["learning_rate"] == 1e-5
+    assert paper.task.model["backbone"] == "resnet50"
+    assert paper.task.model["embedding_dim"] == 128
+    assert (paper.task.model["image_size"], paper.data.resize_size) == (224, 256)
+    assert paper.sampler.num_classes_per_batch * paper.sampler.num_per_class == 130
+    assert paper.sampler.num_per_class == 5
+    assert (paper.optimizer.name, paper.optimizer.learning_rate) == ("adam", 1e-5)
+    assert Embedder.from_preset("tiny").image_size == get_config("specialist:tiny").task.model[
+        "image_size"]
 
 
 def test_unknown_preset_and_backbone_are_named():
-    with pytest.raises(ValueError, match="Received: preset='huge'"):
-        get_preset("huge")
+    with pytest.raises(ValueError, match="Received: 'huge'"):
+        Embedder.from_preset("huge")
     with pytest.raises(ValueError, match="Received: backbone='vgg99'"):
         Embedder(backbone="vgg99", image_size=32)
     with pytest.raises(ValueError, match="embedding_dim"):

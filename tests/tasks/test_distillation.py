@@ -1,4 +1,4 @@
-"""Distiller: each source's teacher inside one compiled step, frozen teachers, the student kept."""
+"""Distillation task: each source's teacher inside one compiled step, frozen teachers, the student kept."""
 
 import keras
 import numpy as np
@@ -6,7 +6,8 @@ import pytest
 import tensorflow as tf
 
 from tfmir.losses import MultiSimilarity, multi_similarity
-from tfmir.models import Distiller, Embedder
+from tfmir.models import Embedder
+from tfmir.tasks import Distillation
 
 SOURCES = ("a", "b", "ood")  # "a" and "b" have specialists, "ood" has none
 
@@ -45,7 +46,7 @@ def models():
 @pytest.fixture()
 def distiller(models):
     student, teacher_a, teacher_b = models
-    return Distiller(twin_of(student, "student"), {"a": teacher_a, "b": teacher_b},
+    return Distillation(twin_of(student, "student"), {"a": teacher_a, "b": teacher_b},
                      source_names=SOURCES)
 
 
@@ -57,12 +58,13 @@ def batch(seed, size=8):
 
 
 def source_batches(num_batches, order):
-    """A dataset of (images, labels, source_indices) cycling through `order` (source indices)."""
+    """A dataset of ({"image"}, {"label", "source"}) batches cycling through `order`."""
     parts = [batch(step) for step in range(num_batches)]
     sources = [np.full(len(parts[0][1]), order[step % len(order)], "int32")
                for step in range(num_batches)]
-    return tf.data.Dataset.from_tensor_slices(
-        (np.stack([p[0] for p in parts]), np.stack([p[1] for p in parts]), np.stack(sources)))
+    return tf.data.Dataset.from_tensor_slices((
+        {"image": np.stack([p[0] for p in parts])},
+        {"label": np.stack([p[1] for p in parts]), "source": np.stack(sources)}))
 
 
 def test_each_source_gets_its_own_teacher_or_multi_similarity(distiller, models):
@@ -90,7 +92,7 @@ def trained(models):
     student, teacher_a, teacher_b = models
     traces, traces_after_batch = [], []
 
-    class CountingDistiller(Distiller):
+    class CountingDistiller(Distillation):
         def train_step(self, data):
             traces.append(1)  # Python runs once per trace, not once per step
             return super().train_step(data)
@@ -154,21 +156,21 @@ def test_student_is_saved_alone_as_an_embedder(trained, tmp_path):
     assert type(restored) is Embedder and restored.embedding_dim == 128
     images, _ = batch(3)
     np.testing.assert_allclose(restored.predict(images, verbose=0),
-                               distiller.predict(images, verbose=0), atol=1e-6)
+                               distiller.predict({"image": images}, verbose=0), atol=1e-6)
 
 
 def test_config_round_trip_and_keras_file(distiller, tmp_path):
     config = distiller.get_config()
     assert config["source_names"] == list(SOURCES) and config["delta"] == 1.0
     assert sorted(config["specialists"]) == ["a", "b"]
-    rebuilt = Distiller.from_config(config)
+    rebuilt = Distillation.from_config(config)
     assert rebuilt.source_names == SOURCES and not rebuilt.specialists["b"].trainable
     path = tmp_path / "distiller.keras"
     distiller.save(path)
     restored = keras.saving.load_model(path)
     images, labels = batch(4)
-    np.testing.assert_allclose(restored.predict(images, verbose=0),
-                               distiller.predict(images, verbose=0), atol=1e-6)
+    np.testing.assert_allclose(restored.predict({"image": images}, verbose=0),
+                               distiller.predict({"image": images}, verbose=0), atol=1e-6)
     np.testing.assert_allclose(restored.distillation_losses(images, labels, np.ones(8, "int32")),
                                distiller.distillation_losses(images, labels, np.ones(8, "int32")),
                                rtol=1e-5, atol=1e-7)
@@ -176,11 +178,12 @@ def test_config_round_trip_and_keras_file(distiller, tmp_path):
 
 def test_without_specialists_every_source_uses_multi_similarity(models):
     student = models[0]
-    distiller = Distiller(student, {}, source_names=("x", "y"))
+    distiller = Distillation(student, {}, source_names=("x", "y"))
     images, labels = batch(5)
     np.testing.assert_allclose(distiller.distillation_losses(images, labels, np.ones(8, "int32")),
                                multi_similarity(labels, student(images, training=False)),
                                rtol=1e-5)
+    distiller.compile(optimizer="adam")  # Keras' loss tracker comes with compile()
     assert [metric.name for metric in distiller.metrics] == ["loss", "ms_loss"]
     assert np.isnan(float(distiller.ms_loss_tracker.result()))  # no batch yet: not measured, not 0
 
@@ -188,15 +191,15 @@ def test_without_specialists_every_source_uses_multi_similarity(models):
 def test_invalid_arguments_are_named(models):
     student, teacher_a, _ = models
     with pytest.raises(ValueError, match=r"specialists names sources \['ct'\]"):
-        Distiller(student, {"ct": teacher_a}, source_names=("a", "b"))
+        Distillation(student, {"ct": teacher_a}, source_names=("a", "b"))
     with pytest.raises(ValueError, match="the specialist of 'a' is the student itself"):
-        Distiller(student, {"a": student}, source_names=("a",))
+        Distillation(student, {"a": student}, source_names=("a",))
     other_size = Embedder.from_preset("tiny", image_size=48)
     with pytest.raises(ValueError, match=r"specialist of 'a' takes inputs of shape \(48, 48, 3\)"):
-        Distiller(student, {"a": other_size}, source_names=("a",))
+        Distillation(student, {"a": other_size}, source_names=("a",))
     with pytest.raises(ValueError, match="distinct names"):
-        Distiller(student, {}, source_names=("a", "a"))
-    distiller = Distiller(student, {}, source_names=("a", "b"))
+        Distillation(student, {}, source_names=("a", "a"))
+    distiller = Distillation(student, {}, source_names=("a", "b"))
     images, labels = batch(6)
     with pytest.raises(tf.errors.InvalidArgumentError, match="must come from one source"):
         distiller.distillation_losses(images, labels, np.array([0] * 7 + [1], "int32"))

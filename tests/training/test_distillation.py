@@ -100,8 +100,9 @@ def test_distils_resumes_after_a_crash_and_saves_students(two_sources, retina_sp
     np.testing.assert_allclose(final.predict(images, verbose=0),
                                result.model.predict(images, verbose=0), atol=1e-6)
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config["out_of_domain"] == ["xray"] and config["specialists"]["retina"].endswith(
-        "retina.keras")
+    assert config["task"]["name"] == "distillation"
+    assert list(config["task"]["args"]["specialists"]) == ["retina"]  # xray is out of domain
+    assert config["task"]["args"]["specialists"]["retina"].endswith("retina.keras")
 
 
 def test_specialist_of_an_unknown_source_is_named(two_sources, retina_specialist, tmp_path):

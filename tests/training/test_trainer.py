@@ -6,6 +6,7 @@ import keras
 import numpy as np
 import pytest
 
+from tfmir.configs import SamplerConfig
 from tfmir.data import load_medmnist_npz
 from tfmir.training import evaluate_retrieval, make_sampler, make_strategy, read_log, train_embedder
 from tfmir.training.strategy import STRATEGIES
@@ -75,7 +76,8 @@ def test_training_lowers_the_loss_and_resumes_after_a_crash(xray, tmp_path):
     # best.keras holds the epoch with the highest validation Recall@1.
     best_recall = evaluate_retrieval(best, val, resize_size=result.resize_size)["average"]["recall@1"]
     assert best_recall == pytest.approx(max(history["val_recall@1"]), abs=1e-6)
-    assert json.loads((tmp_path / "config.json").read_text())["preset"] == "tiny"
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["task"]["model"]["image_size"] == 32 and config["resize_size"] == 36
 
 
 def test_sampling_choice_for_several_sources(shared_data_dir):
@@ -85,8 +87,10 @@ def test_sampling_choice_for_several_sources(shared_data_dir):
     xray = load_medmnist_npz(shared_data_dir / "pneumoniamnist" / "pneumoniamnist.npz",
                              source="xray")
     both = concatenate([retina["train"], xray["train"]])
-    by_source = make_sampler(both, num_classes_per_batch=3, num_per_class=5, sampling="source")
-    by_class = make_sampler(both, num_classes_per_batch=7, num_per_class=5, sampling="class")
+    by_source = make_sampler(both, SamplerConfig("source_aware", num_classes_per_batch=3,
+                                                 num_per_class=5))
+    by_class = make_sampler(both, SamplerConfig("class_balanced", num_classes_per_batch=7,
+                                                num_per_class=5))
     batches = iter(by_source)
     seen = set()
     for batch in [next(batches) for _ in range(40)]:
@@ -96,8 +100,13 @@ def test_sampling_choice_for_several_sources(shared_data_dir):
     mixed = next(iter(by_class))  # all 7 classes of both sources, 5 images each
     assert sorted(np.unique(both.labels[mixed], return_counts=True)[1]) == [5] * 7
     assert set(both.sources[mixed]) == {"retina", "xray"}
+    with pytest.raises(ValueError, match="Received: sampler='random'"):
+        make_sampler(both, SamplerConfig("random"))
+    with pytest.raises(ValueError, match=r"this task trains on \['source_aware'\] batches. "
+                                         "Received: sampler='shuffled'"):
+        make_sampler(both, SamplerConfig("shuffled"), allowed=("source_aware",))
     with pytest.raises(ValueError, match="Received: sampling='random'"):
-        make_sampler(both, num_classes_per_batch=3, num_per_class=5, sampling="random")
+        train_embedder(both, None, workdir="unused", sampling="random")
 
 
 @pytest.mark.parametrize("name", ["default", "one_device", "mirrored"])

@@ -21,10 +21,11 @@ import time
 import numpy as np
 from absl import flags
 
-from tfmir.models import PRESETS
+from tfmir.configs.universal import SETTINGS
 
 _OUTPUT = flags.DEFINE_string("output_dir", "demo_output", "Where the demo writes its results.")
-_PRESET = flags.DEFINE_enum("preset", "cpu", list(PRESETS), "Model and schedule preset.")
+_PRESET = flags.DEFINE_enum("preset", "cpu", list(SETTINGS), "The setting of the "
+                            "specialist config (tfmir.configs): model and schedule.")
 _EPOCHS = flags.DEFINE_integer("epochs", None, "Epochs (default: the preset's).")
 _STEPS = flags.DEFINE_integer("steps_per_epoch", None, "Batches per epoch (default: the preset's).")
 _QUERIES = flags.DEFINE_integer("queries_per_domain", 3, "Gallery rows per domain.")
@@ -81,7 +82,8 @@ def main(argv) -> None:
     import keras
 
     from tfmir.cli.report import recall_table, write_atomic, write_json
-    from tfmir.models import Embedder, get_preset
+    from tfmir.configs import get_config
+    from tfmir.models import Embedder
     from tfmir.samples import load_sample
     from tfmir.training import embed_examples, evaluate_retrieval, train_embedder
     from tfmir.visualization import save_gallery
@@ -94,7 +96,7 @@ def main(argv) -> None:
     print(f"Sample: {len(splits['train'])} train / {len(splits['val'])} val / {len(test)} test "
           f"images from {', '.join(test.source_names)} (MedMNIST v2, CC BY 4.0).")
 
-    resize_size = get_preset(_PRESET.value)["data"]["resize_size"]
+    resize_size = get_config(f"specialist:{_PRESET.value}").data.resize_size
     keras.utils.set_random_seed(_SEED.value)
     untrained = Embedder.from_preset(_PRESET.value)
     untrained_embeddings = embed_examples(untrained, test, resize_size=resize_size)

@@ -19,16 +19,30 @@ from tfmir.data.datasets import (
     split_by_column,
     split_examples,
 )
-from tfmir.data.pipeline import decode_image, make_dataset, preprocess_image, read_image_file
-from tfmir.data.samplers import ClassBalancedSampler, SourceAwareSampler
+from tfmir.data.pipeline import (
+    FIELDS,
+    decode_image,
+    make_dataset,
+    preprocess_image,
+    read_image_file,
+)
+from tfmir.data.samplers import (
+    ClassBalancedSampler,
+    ReplicaShard,
+    ShuffledSampler,
+    SourceAwareSampler,
+)
 
 __all__ = [
+    "FIELDS",
     "IMAGE_EXTENSIONS",
     "MEDMNIST_CLASS_NAMES",
     "MEDMNIST_MD5",
     "MEDMNIST_URL",
     "ClassBalancedSampler",
     "Examples",
+    "ReplicaShard",
+    "ShuffledSampler",
     "SourceAwareSampler",
     "concatenate",
     "decode_image",

@@ -150,7 +150,10 @@ class Examples:
         images: uint8 (N, H, W, 3) when the images are in memory (MedMNIST); grayscale is already
             broadcast to RGB.
         paths: str (N,) absolute file paths when the images are on disk (folders, CSV).
-        mask_paths: str (N,) absolute mask paths ("" where an item has no mask), or None.
+        mask_paths: str (N,) absolute mask paths ("" where an item has no mask), or None; read
+            when the images are on disk.
+        masks: uint8 (N, H, W) binary masks of in-memory images (any non-zero value is
+            foreground), with the height and width of `images`, or None.
         splits: str (N,) the split of each item when the data source says it, or None.
 
     Example:
@@ -171,6 +174,7 @@ class Examples:
     paths: np.ndarray | None = None
     mask_paths: np.ndarray | None = None
     splits: np.ndarray | None = None
+    masks: np.ndarray | None = None
 
     def __post_init__(self):
         set_field = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
@@ -207,6 +211,17 @@ class Examples:
             set_field("paths", _string_array(self.paths, "paths"))
         if self.mask_paths is not None:
             set_field("mask_paths", _string_array(self.mask_paths, "mask_paths"))
+        if self.masks is not None:
+            if self.images is None:
+                raise ValueError("masks (in memory) need images in memory; give masks of images "
+                                 "on disk as mask_paths. Received masks with paths")
+            masks = np.asarray(self.masks)
+            if masks.dtype != np.uint8 or masks.shape != self.images.shape[:3]:
+                raise ValueError(
+                    f"masks must be uint8 of shape {self.images.shape[:3]} (N, H, W), like "
+                    f"images. Received dtype {masks.dtype} and shape {masks.shape}"
+                )
+            set_field("masks", masks)
         if self.splits is not None:
             set_field("splits", _string_array(self.splits, "splits", num_items))
 
@@ -273,7 +288,8 @@ class Examples:
         return Examples(labels=self.labels[indices], sources=self.sources[indices],
                         ids=self.ids[indices], class_names=self.class_names,
                         images=take(self.images), paths=take(self.paths),
-                        mask_paths=take(self.mask_paths), splits=take(self.splits))
+                        mask_paths=take(self.mask_paths), splits=take(self.splits),
+                        masks=take(self.masks))
 
 
 def _part_prefix(part: Examples) -> str:
@@ -282,6 +298,9 @@ def _part_prefix(part: Examples) -> str:
 
 def concatenate(parts: Sequence[Examples], *, separate_classes: bool = True) -> Examples:
     """Joins several `Examples`, e.g. the training splits of several sources.
+
+    In-memory `masks` are kept when every part has them; a mix of parts with and without masks
+    is refused.
 
     Args:
         parts: the `Examples` to join, all in memory with equal height and width, or all on disk.
@@ -352,6 +371,16 @@ def concatenate(parts: Sequence[Examples], *, separate_classes: bool = True) -> 
             for part, value in zip(parts, values)
         ])
 
+    # A missing mask cannot be filled in (zeros would say "no lesion"), unlike an empty path.
+    with_masks = [part.masks is not None for part in parts]
+    if any(with_masks) and not all(with_masks):
+        missing = ", ".join(f"part {index} ({_part_prefix(part)})"
+                            for index, part in enumerate(parts) if part.masks is None)
+        raise ValueError(f"some parts have masks and others not (without masks: {missing}). "
+                         "Give every part masks, or drop them with "
+                         "dataclasses.replace(part, masks=None)")
+    masks = np.concatenate([part.masks for part in parts]) if all(with_masks) else None
+
     sources = np.concatenate([part.sources for part in parts])
     ids = np.concatenate([part.ids for part in parts])
     if len(np.unique(ids)) != len(ids):
@@ -359,7 +388,7 @@ def concatenate(parts: Sequence[Examples], *, separate_classes: bool = True) -> 
     return Examples(labels=np.concatenate(labels), sources=sources, ids=ids,
                     class_names=tuple(class_names), images=joined("images"),
                     paths=joined("paths"), mask_paths=joined("mask_paths", ""),
-                    splits=joined("splits", ""))
+                    splits=joined("splits", ""), masks=masks)
 
 
 # --- MedMNIST -----------------------------------------------------------------------------------
@@ -921,8 +950,9 @@ def downsample_top_classes(labels: np.ndarray | Sequence[int], num_equalized: in
     ```
 
     Reference:
-        The universal multi-source MIR distillation paper (DESIGN.md), Sec. IV-A (Retina:
-        "the most frequent label and second most frequent label are the same").
+        Feng et al., "Universal Model for Multi-Domain Medical Image Retrieval",
+        https://arxiv.org/abs/2007.08628, Sec. IV-A (Retina: "the most frequent label and second
+        most frequent label are the same").
     """
     labels = np.asarray(labels)
     if labels.ndim != 1:

@@ -1,8 +1,10 @@
-"""tf.data input pipelines: decode, resize, crop and flip, batch (optionally by a sampler).
+"""tf.data input pipelines: decode, resize, crop and flip, batch by a sampler into dict batches.
 
 Every function here works eagerly and inside `tf.data.Dataset.map` (or a `tf.function`).
 `decode_image` uses only core TensorFlow ops so that it can go into a SavedModel served by
-TF Serving.
+TF Serving. `make_dataset` yields `(inputs, targets)` dicts: `{"image": ...}` and the requested
+targets among "label", "source" and "mask" (a segmentation mask cropped and flipped with its
+image).
 
 Example:
 
@@ -10,22 +12,28 @@ Example:
 train_dataset = make_dataset(splits["train"], training=True,
                              sampler=ClassBalancedSampler(splits["train"].labels,
                                                           num_classes_per_batch=8))
-test_dataset = make_dataset(splits["test"], training=False, batch_size=128)
+inputs, targets = next(iter(train_dataset))  # {"image": (40, 224, 224, 3)}, {"label": (40,)}
+test_dataset = make_dataset(splits["test"], training=False, batch_size=128, fields=("image",))
+for element in test_dataset:
+    embeddings = model(element["image"])
 ```
 """
 
 from __future__ import annotations
 
 import io
+from typing import Iterable, Sequence
 
 import numpy as np
 import tensorflow as tf
 from PIL import Image
 
 from tfmir.data.datasets import Examples
-from tfmir.data.samplers import ClassBalancedSampler, SourceAwareSampler
+from tfmir.data.samplers import ShuffledSampler
 
 AUTOTUNE = tf.data.AUTOTUNE
+# The fields an element can hold: "image" is the model input, the others are targets.
+FIELDS = ("image", "label", "source", "mask")
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _JPEG_SIGNATURE = b"\xff\xd8\xff"
@@ -122,7 +130,11 @@ def read_image_file(path: tf.Tensor) -> tf.Tensor:
 
 def _random_crop_and_flip(images: tf.Tensor, image_size: int, resize_size: int,
                           seed: tf.Tensor | None) -> tf.Tensor:
-    """Per image: a uniformly random image_size crop, mirrored left-right with probability 1/2."""
+    """Per image: a uniformly random image_size crop, mirrored left-right with probability 1/2.
+
+    Works on any number of channels, so a mask stacked onto its image as a 4th channel gets the
+    image's crop and flip.
+    """
     batch = tf.shape(images)[0]
     num_offsets = resize_size - image_size + 1
     if seed is None:
@@ -163,12 +175,14 @@ def _resize(images: tf.Tensor, size: int) -> tf.Tensor:
 
 
 def preprocess_image(image: tf.Tensor, *, training: bool, image_size: int = 224,
-                     resize_size: int = 256, seed: tf.Tensor | None = None) -> tf.Tensor:
-    """Resizes, then crops (and in training flips) one image or a batch of images.
+                     resize_size: int = 256, seed: tf.Tensor | None = None,
+                     mask: tf.Tensor | None = None) -> tf.Tensor | tuple[tf.Tensor, tf.Tensor]:
+    """Resizes, then crops (and in training flips) one image or a batch, with its mask if given.
 
     The image is resized to (resize_size, resize_size) (bilinear, antialiased). Training: a
     random image_size crop and a random horizontal flip; evaluation: the central crop. Pixels stay
-    in [0, 255]; the model normalises them.
+    in [0, 255]; the model normalises them. A mask is binarised (any non-zero value -> 1),
+    resized with nearest neighbour (so it stays binary) and gets exactly its image's crop and flip.
 
     Args:
         image: uint8 or float, (H, W, 3) or a batch (B, H, W, 3).
@@ -177,14 +191,17 @@ def preprocess_image(image: tf.Tensor, *, training: bool, image_size: int = 224,
         resize_size: the side images are resized to before cropping (>= image_size).
         seed: shape (2,) integer seed for reproducible stateless augmentation; None uses
             TensorFlow's global random state. Ignored when not training.
+        mask: optional, any numeric dtype, (H, W, 1) or (B, H, W, 1) like `image`.
 
     Returns:
-        float32 (S, S, 3), or (B, S, S, 3) for a batch.
+        float32 (S, S, 3), or (B, S, S, 3) for a batch; with a mask, the pair (image, mask), the
+        mask float32 (S, S, 1) or (B, S, S, 1) holding exactly 0.0 or 1.0.
 
     Example:
 
     ```python
     pixels = preprocess_image(decode_image(encoded), training=False)  # float32 (224, 224, 3)
+    pixels, lesion = preprocess_image(image, mask=mask, training=True, seed=tf.constant([0, 1]))
     ```
     """
     if image_size < 1 or resize_size < image_size:
@@ -195,61 +212,156 @@ def preprocess_image(image: tf.Tensor, *, training: bool, image_size: int = 224,
     if rank not in (3, 4):
         raise ValueError(f"image must be (H, W, 3) or (B, H, W, 3). Received shape {image.shape}")
     images = image if rank == 4 else image[None]
+    if mask is not None:
+        mask = tf.convert_to_tensor(mask)
+        if mask.shape.rank != rank or mask.shape[-1] != 1:
+            raise ValueError(f"mask must be shaped like the image with one channel, "
+                             f"{'(B, H, W, 1)' if rank == 4 else '(H, W, 1)'}. "
+                             f"Received shape {mask.shape} for an image of shape {image.shape}")
+        masks = mask if rank == 4 else mask[None]
+        # Both get resized to resize_size, so a size mismatch would pass silently, misaligned.
+        tf.debugging.assert_equal(tf.shape(masks)[:3], tf.shape(images)[:3],
+                                  message="mask and image differ in batch size, height or width")
     images = _resize(tf.cast(images, tf.float32), resize_size)
+    if mask is not None:
+        masks = tf.cast(tf.not_equal(masks, 0), tf.float32)
+        masks = tf.image.resize(masks, [resize_size, resize_size], method="nearest")
+        # One tensor through one crop: the mask gets exactly its image's offsets and flip.
+        images = tf.concat([images, masks], axis=-1)
     if training:
         images = _random_crop_and_flip(images, image_size, resize_size, seed)
     else:
         start = (resize_size - image_size) // 2
         images = images[:, start:start + image_size, start:start + image_size, :]
-    return images if rank == 4 else images[0]
+    if mask is None:
+        return images if rank == 4 else images[0]
+    images, masks = images[..., :3], images[..., 3:]
+    return (images, masks) if rank == 4 else (images[0], masks[0])
+
+
+def _pil_mask(contents: bytes) -> np.ndarray:
+    """PIL reader for non-PNG masks: uint8 (H, W, 1), 1 where the first channel is non-zero."""
+    with Image.open(io.BytesIO(contents)) as image:
+        # Palette indices say nothing about foreground; their gray levels do.
+        pixels = np.asarray(image.convert("L") if image.mode == "P" else image)
+    if pixels.ndim == 3:
+        pixels = pixels[..., 0]
+    return (pixels != 0).astype(np.uint8)[..., None]
+
+
+def _read_mask_file(path: tf.Tensor) -> tf.Tensor:
+    """Reads one mask file into uint8 (H, W, 1) of 0/1: any non-zero first channel is 1.
+
+    PNGs (8 or 16 bits, gray or RGB, values 0/255 or 0/1) are decoded natively; other formats
+    through PIL.
+    """
+    contents = tf.io.read_file(path)
+    is_png = tf.equal(tf.strings.substr(contents, 0, len(_PNG_SIGNATURE)), _PNG_SIGNATURE)
+
+    def from_png():
+        # uint16 keeps a 16-bit mask's 1s (an 8-bit decode would round them down to 0).
+        pixels = tf.io.decode_png(contents, channels=0, dtype=tf.uint16)[..., :1]
+        return tf.cast(tf.not_equal(pixels, 0), tf.uint8)
+
+    def with_pil():
+        mask = tf.numpy_function(_pil_mask, [contents], tf.uint8, stateful=False)
+        return tf.ensure_shape(mask, [None, None, 1])
+
+    mask = tf.cond(is_png, from_png, with_pil)
+    mask.set_shape([None, None, 1])
+    return mask
+
+
+def _check_fields(fields: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(fields, str):
+        raise ValueError(f"fields must be a sequence of field names such as ('image', 'label'). "
+                         f"Received: fields={fields!r}")
+    fields = tuple(fields)
+    for field in fields:
+        if field not in FIELDS:
+            raise ValueError(f"unknown field {field!r}; fields are drawn from {FIELDS}. "
+                             f"Received: fields={fields!r}")
+    if "image" not in fields:
+        raise ValueError(f"fields must include 'image'. Received: fields={fields!r}")
+    return fields
+
+
+def _check_mask_files(examples: Examples) -> None:
+    """Every item has a mask file of its image's size; raises naming the first that does not.
+
+    Done up front, reading only the file headers, so a bad mask stops the run before training
+    starts rather than deep inside a tf.data pipeline.
+    """
+    empty = np.flatnonzero(examples.mask_paths == "")
+    if len(empty):
+        first = str(examples.ids[empty[0]])
+        raise ValueError(f"item {first!r} has no mask (its mask path is \"\"); {len(empty)} of "
+                         f"{len(examples)} items have none. Keep the items with masks: "
+                         "examples.subset(examples.mask_paths != \"\")")
+    for image_path, mask_path in zip(examples.paths, examples.mask_paths):
+        with Image.open(image_path) as image, Image.open(mask_path) as mask:
+            image_size, mask_size = image.size, mask.size
+        if image_size != mask_size:
+            raise ValueError(
+                f"mask {mask_path} is {mask_size[1]}x{mask_size[0]} (height x width) but its "
+                f"image {image_path} is {image_size[1]}x{image_size[0]}"
+            )
 
 
 def make_dataset(examples: Examples, *, training: bool, batch_size: int | None = None,
-                 sampler: ClassBalancedSampler | SourceAwareSampler | None = None,
-                 image_size: int = 224, resize_size: int = 256,
-                 with_labels: bool = True, with_sources: bool = False,
-                 shuffle: bool | None = None, seed: int = 0,
-                 num_parallel_calls: int = AUTOTUNE,
+                 sampler: Iterable[np.ndarray] | None = None, image_size: int = 224,
+                 resize_size: int = 256, fields: Sequence[str] = ("image", "label"),
+                 shuffle: bool | None = None, seed: int = 0, num_parallel_calls: int = AUTOTUNE,
                  deterministic: bool | None = None) -> tf.data.Dataset:
-    """Builds the tf.data pipeline of `examples`: images (and labels) in batches.
+    """Builds the tf.data pipeline of `examples`: dict batches of the requested fields.
+
+    Elements are `(inputs, targets)`: `inputs = {"image": float32 (B, S, S, 3) in [0, 255]}` and
+    `targets` holds the requested target fields among
+    - "label": int64 (B,), the class index;
+    - "source": int32 (B,), the item's position in `examples.source_names`;
+    - "mask": float32 (B, S, S, 1), exactly 0.0 or 1.0, cropped and flipped with its image.
+    With no target field (`fields=("image",)`) an element is the inputs dict alone.
 
     - Evaluation (training=False, no sampler): the original order (unless shuffle=True), the last
-      partial batch kept, one pass. Without batch_size, single images.
-    - Training without a sampler: shuffled (seeded), repeated forever, full batches only.
-    - With a sampler: the batches are exactly the sampler's index batches, forever.
+      partial batch kept, one pass. Without batch_size, single items (no batch axis).
+    - Training: the batches are exactly the sampler's index batches, forever; without a sampler,
+      those of `ShuffledSampler(len(examples), batch_size=batch_size, seed=seed)`.
 
     Training augmentation (random crop + flip) is seeded by `seed` and the element's position in
     the stream, so a pipeline is reproducible. In-memory images are gathered and augmented a whole
-    batch at a time; files are read and decoded in parallel, one per call.
+    batch at a time; files are read and decoded in parallel, one per call. Masks come from
+    `examples.masks` (in memory) or `examples.mask_paths` (files, checked up front: every item
+    needs a mask file of its image's size).
 
     Args:
         examples: the items, in memory or on disk.
-        training: augment (random crop + flip) instead of the central crop; without a sampler
-            also shuffle, repeat and drop the last partial batch.
+        training: augment (random crop + flip) instead of the central crop, and draw batches from
+            a sampler forever.
         batch_size: items per batch; required when training without a sampler; must equal
             `sampler.batch_size` when both are given.
-        sampler: an iterable of int64 index batches with a `batch_size` (e.g.
-            `ClassBalancedSampler`, `SourceAwareSampler`).
+        sampler: an iterable of int64 index batches with `batch_size` and `num_items` (e.g.
+            `ShuffledSampler`, `ClassBalancedSampler`, `SourceAwareSampler`, `ReplicaShard`).
         image_size: side S of the output images.
         resize_size: side images are resized to before cropping.
-        with_labels: yield (images, labels) or images only.
-        with_sources: also yield each item's source index, its position in
-            `examples.source_names`: (images, labels, source_indices). Needs `with_labels`.
-        shuffle: shuffle the order (default: `training`); not allowed with a sampler.
+        fields: the fields of each element, drawn from `FIELDS`; "image" is required.
+        shuffle: shuffle the evaluation order (default False); training without a sampler always
+            shuffles (shuffle=False is refused) and a sampler decides the order itself.
         seed: the seed of shuffling and augmentation.
         num_parallel_calls: parallelism of the decode/augment map.
         deterministic: passed to `Dataset.map` (None keeps the tf.data default, deterministic).
             Files read for a sampler are always kept in order so batches stay the sampler's.
 
     Returns:
-        A dataset of (float32 (B, S, S, 3) in [0, 255], int64 (B,) labels), with an int32 (B,)
-        source index as third element when `with_sources`, or of images only; prefetched.
+        A prefetched dataset of `(inputs, targets)` dicts, or of `inputs` alone.
 
     Example:
 
     ```python
-    dataset = make_dataset(examples, training=False, batch_size=64, with_labels=False)
-    embeddings = model.predict(dataset)
+    train = make_dataset(examples, training=True, sampler=sampler,
+                         fields=("image", "label", "mask"))
+    inputs, targets = next(iter(train))  # inputs["image"], targets["label"], targets["mask"]
+    test = make_dataset(examples, training=False, batch_size=64, fields=("image",))
+    embeddings = np.concatenate([model(element["image"]) for element in test])
     ```
     """
     if not isinstance(examples, Examples):
@@ -257,77 +369,96 @@ def make_dataset(examples: Examples, *, training: bool, batch_size: int | None =
     if image_size < 1 or resize_size < image_size:
         raise ValueError("image_size must be positive and resize_size >= image_size. Received: "
                          f"image_size={image_size}, resize_size={resize_size}")
-    if with_sources and not with_labels:
-        raise ValueError("with_sources=True needs with_labels=True: elements are "
-                         "(images, labels, source_indices)")
+    fields = _check_fields(fields)
     if batch_size is not None and (int(batch_size) != batch_size or batch_size < 1):
         raise ValueError("batch_size must be a positive integer. "
                          f"Received: batch_size={batch_size!r}")
+    with_masks = "mask" in fields
+    if with_masks:
+        mask_field = "masks" if examples.in_memory else "mask_paths"
+        if getattr(examples, mask_field) is None:
+            raise ValueError(
+                f"examples has no masks ({mask_field} is None; in-memory images take `masks`, "
+                f"images on disk `mask_paths`), but fields asks for 'mask'. "
+                f"Received: fields={fields!r}")
+        if not examples.in_memory:
+            _check_mask_files(examples)
+
+    if sampler is not None and shuffle:
+        raise ValueError("shuffle=True cannot be combined with a sampler: the sampler decides "
+                         "the order")
+    if training and sampler is None:
+        if len(examples) == 0:
+            raise ValueError("examples is empty; nothing to train on")
+        if batch_size is None:
+            raise ValueError("training without a sampler needs a batch_size")
+        if shuffle is False:
+            raise ValueError("training without a sampler draws shuffled batches (ShuffledSampler);"
+                             " for another order pass a sampler. Received: shuffle=False")
+        sampler = ShuffledSampler(len(examples), batch_size=batch_size, seed=seed)
     if sampler is not None:
         sampler_batch_size = int(sampler.batch_size)
         if batch_size is not None and batch_size != sampler_batch_size:
             raise ValueError(f"batch_size={batch_size} differs from the sampler's batch_size="
                              f"{sampler_batch_size}; leave batch_size unset with a sampler")
-        if shuffle:
-            raise ValueError("shuffle=True cannot be combined with a sampler: the sampler decides "
-                             "the order")
-        num_items = getattr(sampler, "num_items", len(examples))
-        if num_items != len(examples):
-            raise ValueError(f"the sampler draws from {num_items} items but examples has "
-                             f"{len(examples)}; build the sampler from these examples' labels")
+        if sampler.num_items != len(examples):
+            raise ValueError(f"the sampler draws from {sampler.num_items} items but examples has "
+                             f"{len(examples)}; build the sampler from these examples")
         batch_size = sampler_batch_size
         indices = tf.data.Dataset.from_generator(
             lambda: iter(sampler), output_signature=tf.TensorSpec([batch_size], tf.int64))
         indices_batched = True
     else:
-        if len(examples) == 0 and training:
-            raise ValueError("examples is empty; nothing to train on")
-        if training and batch_size is None:
-            raise ValueError("training without a sampler needs a batch_size")
-        shuffle = training if shuffle is None else shuffle
         indices = tf.data.Dataset.range(len(examples))
         if shuffle:
             indices = indices.shuffle(len(examples), seed=seed, reshuffle_each_iteration=True)
-        if training:
-            indices = indices.repeat()
         indices_batched = False
 
     labels = tf.convert_to_tensor(examples.labels, dtype=tf.int64)
-    if with_sources:
-        source_names = np.asarray(examples.source_names, dtype=str)
-        source_indices = tf.convert_to_tensor(
-            np.searchsorted(source_names, examples.sources.astype(str)), dtype=tf.int32)
+    source_names = np.asarray(examples.source_names, dtype=str)
+    source_indices = tf.convert_to_tensor(
+        np.searchsorted(source_names, examples.sources.astype(str)), dtype=tf.int32)
     base_seed = tf.constant(seed, dtype=tf.int64)
 
-    def finish(index, images):
-        if with_sources:
-            return images, tf.gather(labels, index), tf.gather(source_indices, index)
-        return (images, tf.gather(labels, index)) if with_labels else images
+    def element(index, images, masks):
+        targets = {}
+        if "label" in fields:
+            targets["label"] = tf.gather(labels, index)
+        if "source" in fields:
+            targets["source"] = tf.gather(source_indices, index)
+        if with_masks:
+            targets["mask"] = masks
+        return ({"image": images}, targets) if targets else {"image": images}
+
+    def preprocess(step, images, masks):
+        outputs = preprocess_image(images, training=training, image_size=image_size,
+                                   resize_size=resize_size, seed=tf.stack([base_seed, step]),
+                                   mask=masks)
+        return outputs if with_masks else (outputs, None)
 
     if examples.in_memory:
         # Gather and augment a whole batch at once: much cheaper than one map call per image.
         pixels = tf.convert_to_tensor(examples.images)
+        mask_pixels = tf.convert_to_tensor(examples.masks) if with_masks else None
         if batch_size is not None and not indices_batched:
-            indices = indices.batch(batch_size, drop_remainder=training)
+            indices = indices.batch(batch_size)
 
         def load(step, index):
-            images = preprocess_image(tf.gather(pixels, index), training=training,
-                                      image_size=image_size, resize_size=resize_size,
-                                      seed=tf.stack([base_seed, step]))
-            return finish(index, images)
+            masks = tf.gather(mask_pixels, index)[..., None] if with_masks else None
+            return element(index, *preprocess(step, tf.gather(pixels, index), masks))
 
         dataset = indices.enumerate().map(load, num_parallel_calls=num_parallel_calls,
                                           deterministic=deterministic)
     else:
         paths = tf.convert_to_tensor(examples.paths, dtype=tf.string)
+        mask_paths = tf.convert_to_tensor(examples.mask_paths, tf.string) if with_masks else None
         if indices_batched:
             indices = indices.unbatch()
 
         def load(step, index):
-            image = preprocess_image(read_image_file(tf.gather(paths, index)), training=training,
-                                     image_size=image_size, resize_size=resize_size,
-                                     seed=tf.stack([base_seed, step]))
-            return finish(index, image)
+            mask = _read_mask_file(tf.gather(mask_paths, index)) if with_masks else None
+            image = read_image_file(tf.gather(paths, index))
+            return element(index, *preprocess(step, image, mask))
 
         # Files are decoded one per call; out-of-order results would mix the sampler's batches
         # (and so their sources), so order is kept whenever a sampler is used.
@@ -335,5 +466,5 @@ def make_dataset(examples: Examples, *, training: bool, batch_size: int | None =
             load, num_parallel_calls=num_parallel_calls,
             deterministic=True if sampler is not None else deterministic)
         if batch_size is not None:
-            dataset = dataset.batch(batch_size, drop_remainder=training or sampler is not None)
+            dataset = dataset.batch(batch_size, drop_remainder=sampler is not None)
     return dataset.prefetch(AUTOTUNE)

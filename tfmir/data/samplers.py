@@ -1,14 +1,16 @@
-"""Index samplers for metric learning: class-balanced and source-specific mini-batches.
+"""Index samplers: shuffled, class-balanced and source-specific mini-batches, and replica shards.
 
-A sampler is an infinite iterable of int64 index batches of constant size `batch_size`; each new
-iterator restarts the same seeded sequence. `tfmir.data.make_dataset(examples, sampler=...)` turns
-the index batches into image batches.
+A sampler is an infinite iterable of int64 index batches of constant size `batch_size`, drawn
+from `num_items` items; each new iterator restarts the same seeded sequence.
+`tfmir.data.make_dataset(examples, sampler=...)` turns the index batches into image batches, and
+`ReplicaShard` hands each replica of a distributed run its part of every global batch.
 
 Example:
 
 ```python
 sampler = SourceAwareSampler(train.labels, train.sources, num_classes_per_batch=8)
 first_batch = next(iter(sampler))  # 8 classes x 5 images, all from one source
+replica_batch = next(iter(ReplicaShard(sampler, num_replicas=2, replica_index=1)))  # 4 x 5
 ```
 """
 
@@ -71,13 +73,14 @@ class _ClassDraw:
         ]).astype(np.int64)
 
 
+def _check_positive(name: str, value) -> None:
+    if isinstance(value, bool) or int(value) != value or value < 1:
+        raise ValueError(f"{name} must be a positive integer. Received: {name}={value!r}")
+
+
 def _check_counts(num_classes_per_batch: int, num_per_class: int) -> None:
-    if int(num_classes_per_batch) != num_classes_per_batch or num_classes_per_batch < 1:
-        raise ValueError("num_classes_per_batch must be a positive integer. "
-                         f"Received: num_classes_per_batch={num_classes_per_batch!r}")
-    if int(num_per_class) != num_per_class or num_per_class < 1:
-        raise ValueError(f"num_per_class must be a positive integer. "
-                         f"Received: num_per_class={num_per_class!r}")
+    _check_positive("num_classes_per_batch", num_classes_per_batch)
+    _check_positive("num_per_class", num_per_class)
 
 
 def _as_labels(labels) -> np.ndarray:
@@ -108,8 +111,8 @@ class ClassBalancedSampler:
     ```
 
     Reference:
-        The universal multi-source MIR distillation paper (DESIGN.md), Sec. III: mini-batches of
-        c classes x k=5 images.
+        Feng et al., "Universal Model for Multi-Domain Medical Image Retrieval",
+        https://arxiv.org/abs/2007.08628, Sec. III: mini-batches of c classes x k=5 images.
     """
 
     def __init__(self, labels: np.ndarray | Sequence[int], *, num_classes_per_batch: int,
@@ -158,8 +161,9 @@ class SourceAwareSampler:
     ```
 
     Reference:
-        The universal multi-source MIR distillation paper (DESIGN.md), Sec. III "source-specific
-        sampling": one source per mini-batch, chosen in proportion to its number of images.
+        Feng et al., "Universal Model for Multi-Domain Medical Image Retrieval",
+        https://arxiv.org/abs/2007.08628, Sec. III "source-specific sampling": one source per
+        mini-batch, chosen in proportion to its number of images.
     """
 
     def __init__(self, labels: np.ndarray | Sequence[int], sources: np.ndarray | Sequence[str], *,
@@ -223,3 +227,113 @@ class SourceAwareSampler:
         while True:
             source = rng.choice(len(self._draws), p=self._probabilities)
             yield self._draws[source].draw(rng)
+
+
+class ShuffledSampler:
+    """Infinite iterator of index batches: a fresh seeded permutation of the items per epoch.
+
+    Each permutation is cut into `num_items // batch_size` full batches; its last partial batch is
+    dropped, so every item appears at most once per epoch and the batch size never changes.
+
+    Args:
+        num_items: N, the number of items drawn from (indices 0..N-1).
+        batch_size: the indices per batch (at most N).
+        seed: the random seed; every new iterator restarts the same sequence.
+
+    Example:
+
+    ```python
+    sampler = ShuffledSampler(10, batch_size=4)
+    batches = itertools.islice(iter(sampler), 2)  # 8 distinct indices of 0..9
+    ```
+    """
+
+    def __init__(self, num_items: int, *, batch_size: int, seed: int = 0):
+        _check_positive("num_items", num_items)
+        _check_positive("batch_size", batch_size)
+        if batch_size > num_items:
+            raise ValueError(f"batch_size={batch_size} exceeds num_items={num_items}: no full "
+                             "batch can be drawn")
+        self.num_items = int(num_items)
+        self.batch_size = int(batch_size)
+        self.seed = seed
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        rng = np.random.default_rng(self.seed)
+        num_batches = self.num_items // self.batch_size
+        while True:
+            order = rng.permutation(self.num_items)
+            for batch in range(num_batches):
+                yield order[batch * self.batch_size:(batch + 1) * self.batch_size].astype(np.int64)
+
+
+def _draws_short_of_classes(sampler) -> list[str]:
+    """Where `sampler` shares its slots among fewer classes than num_classes_per_batch."""
+    if isinstance(sampler, ClassBalancedSampler):
+        return ["the labels"] if sampler._draw.fill else []
+    if isinstance(sampler, SourceAwareSampler):
+        return [f"source {name!r}" for name, draw in zip(sampler.source_names, sampler._draws)
+                if draw.fill]
+    return []
+
+
+class ReplicaShard:
+    """One replica's part of every global batch of a sampler, for data-parallel training.
+
+    Replica r of R gets the contiguous slice r of each global batch (global batch size / R
+    indices). Class-balanced samplers put a class's images next to each other, so with
+    num_classes_per_batch divisible by R every replica gets whole classes
+    (num_classes_per_batch / R classes x num_per_class images), and a `SourceAwareSampler`'s
+    slices all come from the batch's one source. All replicas must wrap samplers with the same
+    seed, so that they slice the same global batches.
+
+    Args:
+        sampler: the global sampler, with `batch_size` and `num_items`.
+        num_replicas: R, the number of replicas sharing each global batch.
+        replica_index: r in [0, R), this replica.
+
+    Example:
+
+    ```python
+    sampler = ClassBalancedSampler(labels, num_classes_per_batch=8, num_per_class=5)
+    shard = ReplicaShard(sampler, num_replicas=4, replica_index=input_context.input_pipeline_id)
+    shard.batch_size  # 10: 2 classes x 5 images
+    ```
+    """
+
+    def __init__(self, sampler, *, num_replicas: int, replica_index: int):
+        _check_positive("num_replicas", num_replicas)
+        if isinstance(replica_index, bool) or int(replica_index) != replica_index or not (
+                0 <= replica_index < num_replicas):
+            raise ValueError(f"replica_index must be in [0, num_replicas={num_replicas}). "
+                             f"Received: replica_index={replica_index!r}")
+        global_batch_size = int(sampler.batch_size)
+        if global_batch_size % num_replicas:
+            raise ValueError(
+                f"the sampler's batch_size={global_batch_size} is not divisible by "
+                f"num_replicas={num_replicas}. Received: num_replicas={num_replicas}")
+        num_classes_per_batch = getattr(sampler, "num_classes_per_batch", None)
+        if num_classes_per_batch is not None and num_replicas > 1:
+            if num_classes_per_batch % num_replicas:
+                raise ValueError(
+                    f"the sampler's num_classes_per_batch={num_classes_per_batch} is not "
+                    f"divisible by num_replicas={num_replicas}: each replica must get whole "
+                    f"classes. Received: num_replicas={num_replicas}")
+            short = _draws_short_of_classes(sampler)
+            if short:
+                # Such batches split their slots unevenly (±1) among the classes there are, so a
+                # fixed slice would cut a class in two.
+                raise ValueError(
+                    f"{short[0]} has fewer than num_classes_per_batch={num_classes_per_batch} "
+                    "classes, so its batches cannot be cut into whole classes per replica. "
+                    f"Received: num_replicas={num_replicas}")
+        self.sampler = sampler
+        self.num_replicas = int(num_replicas)
+        self.replica_index = int(replica_index)
+        self.num_items = int(sampler.num_items)
+        self.batch_size = global_batch_size // self.num_replicas
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        start = self.replica_index * self.batch_size
+        for batch in self.sampler:
+            yield batch[start:start + self.batch_size]

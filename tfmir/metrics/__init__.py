@@ -1,4 +1,4 @@
-"""Retrieval and classification metrics."""
+"""Retrieval, classification and segmentation metrics."""
 
 from tfmir.metrics.bootstrap import paired_bootstrap
 from tfmir.metrics.classification import classification_metrics
@@ -9,9 +9,13 @@ from tfmir.metrics.retrieval import precision_at_k
 from tfmir.metrics.retrieval import recall_at_k
 from tfmir.metrics.retrieval import recall_hits
 from tfmir.metrics.retrieval import retrieval_metrics
+from tfmir.metrics.segmentation import dice_score
+from tfmir.metrics.segmentation import iou_score
 
 __all__ = [
     "classification_metrics",
+    "dice_score",
+    "iou_score",
     "knn_classification",
     "knn_predict",
     "map_at_k",

@@ -5,7 +5,6 @@ from __future__ import annotations
 import keras
 
 from tfmir.models import backbones
-from tfmir.models.presets import get_preset
 
 
 @keras.saving.register_keras_serializable(package="tfmir")
@@ -75,7 +74,10 @@ class Embedder(keras.Model):
 
     @classmethod
     def from_preset(cls, preset: str, **overrides) -> "Embedder":
-        """Builds the embedder of a preset ("tiny", "cpu", "paper"); keyword arguments override it."""
-        config = get_preset(preset)["model"]
-        config.update(overrides)
-        return cls(**config)
+        """The embedder of paper 000's specialist config on a setting ("tiny", "cpu", "paper").
+
+        Keyword arguments override the config's model arguments.
+        """
+        from tfmir.configs import get_config  # configs name models; models don't need configs
+
+        return cls(**{**get_config(f"specialist:{preset}").task.model, **overrides})

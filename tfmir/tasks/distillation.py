@@ -2,31 +2,35 @@
 
 from __future__ import annotations
 
+import os
+
 from typing import Mapping, Sequence
 
 import keras
 import tensorflow as tf
 from keras import ops
 
-from tfmir.losses.multi_similarity import multi_similarity
-from tfmir.losses.rkd import rkd_distance
+from tfmir.losses.multi_similarity import MultiSimilarity, multi_similarity
+from tfmir.losses.rkd import RKDDistance, rkd_distance
+from tfmir.models import Embedder
+from tfmir.tasks.task import Task
 
 
 @keras.saving.register_keras_serializable(package="tfmir")
-class Distiller(keras.Model):
+class Distillation(Task):
     """Trains a student embedder on source-specific batches, each taught by its source's specialist.
 
-    Training batches are `(images, labels, source_indices)` (e.g. `make_dataset(...,
-    with_sources=True)` over a `SourceAwareSampler`), every item of a batch from one source;
-    `source_indices[i]` is the position of item i's source in `source_names`. For a batch of
+    Training batches are `({"image"}, {"label", "source"})` (`make_dataset(..., fields=("image",
+    "label", "source"))` over a `SourceAwareSampler`), every item of a batch from one source;
+    `source[i]` is the position of item i's source in `source_names`. For a batch of
     source s the loss is the RKD distance loss between the embeddings of s's specialist (the
     teacher, frozen, run with `training=False`) and the student's. A source without a
     specialist (out of domain, like ImageNet in the paper) gets the Multi-Similarity loss on the
     student's embeddings instead. The choice is made inside the compiled training step by a
     switch on the batch's source index, so alternating sources never retraces it.
 
-    Calling the distiller calls the student, so it embeds, predicts and is evaluated like an
-    `Embedder`; the model to keep, export and index is `distiller.student`.
+    Calling the task calls the student; the deployable model, which `best.keras`, export and
+    index hold, is `task.student`.
 
     Logs `loss` (all batches), `rkd_loss` (batches of sources with a specialist) and, when some
     source has none, `ms_loss` (the others): the means over the epoch's batches of that kind
@@ -44,13 +48,11 @@ class Distiller(keras.Model):
 
     ```python
     student = Embedder.from_preset("tiny")
-    distiller = Distiller(student, {"retina": retina_specialist, "xray": xray_specialist},
-                          source_names=train.source_names)
-    distiller.compile(optimizer=keras.optimizers.Adam(1e-3))
-    distiller.fit(make_dataset(train, training=True, sampler=sampler, with_sources=True,
-                               image_size=32, resize_size=36), steps_per_epoch=100)
-    distiller.student.save("universal.keras")
+    task = Distillation(student, {"retina": retina_specialist, "xray": xray_specialist},
+                        source_names=train.source_names)
     ```
+    or, from the command line, `tfmir train --config=universal:cpu
+    --config.task.args.specialists="{'retina': 'runs/retina/best.keras', ...}"`.
 
     Reference:
         Feng et al., "Universal Model for Multi-Domain Medical Image Retrieval",
@@ -89,16 +91,17 @@ class Distiller(keras.Model):
             specialist.trainable = False
 
         # === Functional Model ===
-        images = keras.Input(input_shape, name="images")
+        images = keras.Input(input_shape, name="image")
         embeddings = student(images)
-        kwargs.setdefault("name", "distiller")
-        super().__init__(inputs=images, outputs=embeddings, **kwargs)
+        kwargs.setdefault("name", "distillation")
+        super().__init__(inputs={"image": images}, outputs=embeddings, **kwargs)
 
         self.student = student
         self.specialists = specialists
         self.source_names = source_names
         self.delta = float(delta)
-        self.loss_tracker = keras.metrics.Mean(name="loss")
+        self.rkd_loss = RKDDistance(delta=self.delta)
+        self.ms_loss = MultiSimilarity()
         self.rkd_loss_tracker = _MeanOrNaN(name="rkd_loss")
         self.ms_loss_tracker = _MeanOrNaN(name="ms_loss")
         self._taught = tuple(name in specialists for name in source_names)
@@ -116,21 +119,47 @@ class Distiller(keras.Model):
         }
 
     @classmethod
-    def from_config(cls, config: dict) -> "Distiller":
+    def from_config(cls, config: dict) -> "Distillation":
         config = dict(config)
         config["student"] = keras.saving.deserialize_keras_object(config["student"])
         config["specialists"] = {name: keras.saving.deserialize_keras_object(specialist)
                                  for name, specialist in config["specialists"].items()}
         return cls(**config)
 
+    fields = ("image", "label", "source")
+    samplers = ("source_aware",)
+
+    @property
+    def deployable_model(self) -> keras.Model:
+        return self.student
+
     @property
     def metrics(self):
-        trackers = [self.loss_tracker]
-        if self.specialists:
-            trackers.append(self.rkd_loss_tracker)
-        if len(self.specialists) < len(self.source_names):
-            trackers.append(self.ms_loss_tracker)
+        trackers = list(super().metrics)
+        if not self.specialists:
+            trackers.remove(self.rkd_loss_tracker)
+        if len(self.specialists) == len(self.source_names):
+            trackers.remove(self.ms_loss_tracker)
         return trackers
+
+    @classmethod
+    def from_task_config(cls, model: dict, args: dict, splits: dict) -> "Distillation":
+        """Builds the task of a `tfmir.configs.TaskConfig`: the student from `model`
+        (`Embedder` arguments), args = {"specialists": {source: .keras path or model},
+        "delta": ...}; the source names are the training split's."""
+        unknown = sorted(set(args) - {"specialists", "delta"})
+        if unknown:
+            raise ValueError(f"unknown distillation argument(s) {unknown}; it takes "
+                             "['specialists', 'delta']")
+        specialists = check_specialists(args.get("specialists") or {},
+                                        splits["train"].source_names)
+        # The student first: its initial weights must not depend on how teachers are given.
+        student = Embedder(**model)
+        teachers = {name: (specialist if isinstance(specialist, keras.Model)
+                           else keras.saving.load_model(specialist, compile=False))
+                    for name, specialist in specialists.items()}
+        return cls(student, teachers, source_names=splits["train"].source_names,
+                   delta=args.get("delta", 1.0))
 
     def distillation_losses(self, images, labels, source_indices, training=False):
         """Per-sample losses of a one-source batch: RKD to its specialist, else Multi-Similarity.
@@ -145,25 +174,36 @@ class Distiller(keras.Model):
         Returns:
             float32 (B,) tensor.
         """
-        source_indices = ops.reshape(source_indices, (-1,))
-        # Checked outside XLA; under XLA the assertion compiles to nothing.
-        tf.debugging.assert_equal(source_indices, source_indices[0], message=(
-            "every item of a Distiller batch must come from one source; use a "
-            "SourceAwareSampler"))
         embeddings = self.student(images, training=training)
-        source_index = self._source_index(source_indices)
+        teacher_embeddings, source_index = self.teacher_embeddings(images, source_indices)
         if not self.specialists:
             return multi_similarity(labels, embeddings)
-        # One switch holds every source's teacher: alternating sources never retraces the step.
-        # Only the teachers' forward passes sit inside it; the losses are computed outside, so
-        # no gradient has to flow back through the switch.
-        teacher_embeddings = ops.switch(
-            source_index, [self._teacher_branch(name) for name in self.source_names], images)
         distillation = rkd_distance(teacher_embeddings, embeddings, delta=self.delta)
         if all(self._taught):
             return distillation
         out_of_domain = multi_similarity(labels, embeddings)
         return ops.where(self._is_taught(source_index), distillation, out_of_domain)
+
+    def teacher_embeddings(self, images, source_indices):
+        """The embeddings of the batch's teacher (zeros for a source without one) and the source.
+
+        Returns:
+            (float32 (B, widest teacher) embeddings, the batch's int32 source index).
+        """
+        source_indices = ops.reshape(source_indices, (-1,))
+        # Checked outside XLA; under XLA the assertion compiles to nothing.
+        tf.debugging.assert_equal(source_indices, source_indices[0], message=(
+            "every item of a Distillation batch must come from one source; use a "
+            "SourceAwareSampler"))
+        source_index = self._source_index(source_indices)
+        if not self.specialists:
+            return ops.zeros((ops.shape(images)[0], 1), "float32"), source_index
+        # One switch holds every source's teacher: alternating sources never retraces the step.
+        # Only the teachers' forward passes sit inside it; the losses are computed outside, so
+        # no gradient has to flow back through the switch.
+        teacher_embeddings = ops.switch(
+            source_index, [self._teacher_branch(name) for name in self.source_names], images)
+        return teacher_embeddings, source_index
 
     def _teacher_branch(self, name):
         """images -> the teacher's embeddings, zero-padded to the widest teacher's size.
@@ -189,33 +229,28 @@ class Distiller(keras.Model):
     def _is_taught(self, source_index):
         return ops.take(ops.convert_to_tensor(self._taught), source_index)
 
-    def _batch_loss(self, data, training):
-        images, labels, source_indices = data
-        losses = self.distillation_losses(images, labels, source_indices, training=training)
-        batch_loss = ops.mean(losses)
-        loss = batch_loss
-        if self.student.losses:
-            loss = loss + ops.sum([ops.cast(extra, "float32") for extra in self.student.losses])
-        taught = ops.cast(self._is_taught(self._source_index(source_indices)), "float32")
-        self.loss_tracker.update_state(loss)
-        self.rkd_loss_tracker.update_state(batch_loss, sample_weight=taught)
-        self.ms_loss_tracker.update_state(batch_loss, sample_weight=1.0 - taught)
+    def objective(self, x, y, y_pred, training: bool):
+        # One compiled loss per kind, each weighted by whether this batch is of its kind: a
+        # batch comes from one source, so exactly one of them counts, and both reduce (and
+        # replica-scale) like any keras.losses.Loss.
+        del training  # y_pred is the student's output, in the step's mode
+        labels, embeddings = y["label"], y_pred
+        teacher_embeddings, source_index = self.teacher_embeddings(x["image"], y["source"])
+        taught = ops.cast(self._is_taught(source_index), "float32")
+        weights = ops.ones_like(ops.cast(labels, "float32"))
+        loss = ops.zeros((), "float32")
+        replicas = ops.cast(tf.distribute.get_strategy().num_replicas_in_sync, "float32")
+        if self.specialists:
+            distillation = self.rkd_loss(teacher_embeddings, embeddings,
+                                         sample_weight=weights * taught)
+            # The trackers log this batch's unscaled mean, as Keras' loss tracker does.
+            self.rkd_loss_tracker.update_state(distillation * replicas, sample_weight=taught)
+            loss = loss + distillation
+        if not all(self._taught):
+            out_of_domain = self.ms_loss(labels, embeddings, sample_weight=weights * (1 - taught))
+            self.ms_loss_tracker.update_state(out_of_domain * replicas, sample_weight=1 - taught)
+            loss = loss + out_of_domain
         return loss
-
-    def train_step(self, data):
-        with tf.GradientTape() as tape:
-            loss = self._batch_loss(data, training=True)
-            # Replica gradients are summed across replicas: average them, as Keras' losses do.
-            loss = loss / tf.distribute.get_strategy().num_replicas_in_sync
-            loss = self.optimizer.scale_loss(loss)
-        variables = self.trainable_variables
-        gradients = tape.gradient(loss, variables)
-        self.optimizer.apply_gradients(zip(gradients, variables))
-        return {metric.name: metric.result() for metric in self.metrics}
-
-    def test_step(self, data):
-        self._batch_loss(data, training=False)
-        return {metric.name: metric.result() for metric in self.metrics}
 
 
 class _MeanOrNaN(keras.metrics.Mean):
@@ -233,3 +268,23 @@ def _output_width(model: keras.Model, input_shape: tuple) -> int:
     if shape[-1] is None:
         raise ValueError(f"the embedding size of specialist {model.name!r} is unknown")
     return int(shape[-1])
+
+
+def check_specialists(specialists, source_names) -> dict:
+    """{source: keras.Model or existing .keras path}, every source among `source_names`."""
+    if not isinstance(specialists, dict):
+        raise ValueError("specialists must map source names to .keras files. "
+                         f"Received: specialists={specialists!r}")
+    unknown = sorted(set(map(str, specialists)) - set(source_names))
+    if unknown:
+        raise ValueError(f"specialists names sources {unknown} that are not among the training "
+                         f"sources {list(source_names)}")
+    for name, specialist in specialists.items():
+        if isinstance(specialist, keras.Model):
+            continue
+        if not isinstance(specialist, (str, os.PathLike)):
+            raise ValueError(f"the specialist of {name!r} must be a keras.Model or the path of a "
+                             f".keras file. Received {type(specialist).__name__}")
+        if not os.path.isfile(specialist):
+            raise ValueError(f"the specialist of {name!r} was not found: {os.fspath(specialist)}")
+    return {str(name): specialist for name, specialist in specialists.items()}

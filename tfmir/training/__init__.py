@@ -1,11 +1,10 @@
-"""Training: strategy, callbacks, the embedder and universal-model trainers, per-source evaluation."""
+"""Training: the one `fit` entry point, strategies, evaluators, paper 000's thin trainers."""
 
-from tfmir.training.callbacks import RetrievalEvaluation
-from tfmir.training.distillation import train_universal
 from tfmir.training.evaluation import embed_examples, evaluate_retrieval
+from tfmir.training.fit import TrainingResult, fit, make_optimizer, make_sampler, read_log
 from tfmir.training.strategy import STRATEGIES, make_strategy
-from tfmir.training.trainer import SAMPLINGS, TrainingResult, make_sampler, read_log, train_embedder
+from tfmir.training.trainer import SAMPLINGS, preset_config, train_embedder, train_universal
 
-__all__ = ["RetrievalEvaluation", "SAMPLINGS", "STRATEGIES", "TrainingResult", "embed_examples",
-           "evaluate_retrieval", "make_sampler", "make_strategy", "read_log", "train_embedder",
-           "train_universal"]
+__all__ = ["SAMPLINGS", "STRATEGIES", "TrainingResult", "embed_examples", "evaluate_retrieval",
+           "fit", "make_optimizer", "make_sampler", "make_strategy", "preset_config", "read_log",
+           "train_embedder", "train_universal"]

@@ -40,9 +40,9 @@ def embed_examples(model, examples: Examples, *, resize_size: int, batch_size: i
     """
     image_size = getattr(model, "image_size", None) or int(model.inputs[0].shape[1])
     dataset = make_dataset(examples, training=False, batch_size=batch_size, image_size=image_size,
-                           resize_size=resize_size, with_labels=False)
+                           resize_size=resize_size, fields=("image",))
     embed = _embed_function(model, image_size)
-    parts = [np.asarray(embed(images), dtype=np.float32) for images in dataset]
+    parts = [np.asarray(embed(element["image"]), dtype=np.float32) for element in dataset]
     if not parts:
         return np.zeros((0, model.outputs[0].shape[-1]), np.float32)
     return np.concatenate(parts)

@@ -62,7 +62,7 @@ def _save_figure(figure, path: os.PathLike) -> str:
 def _read_history(log) -> dict:
     if isinstance(log, Mapping):
         return {key: np.asarray(values, dtype=np.float64) for key, values in log.items()}
-    from tfmir.training.trainer import read_log
+    from tfmir.training.fit import read_log
 
     if not os.path.exists(log):
         raise FileNotFoundError(f"training log not found: {log}")

@@ -1,0 +1,41 @@
+"""Experiment configs: one shape (`Config`) and one named setting per paper configuration.
+
+`get_config("specialist:cpu")` returns paper 000's specialist on the `cpu` setting; the part
+after the colon picks "tiny", "cpu" or "paper" (the default).
+"""
+
+from __future__ import annotations
+
+from tfmir.configs import universal
+from tfmir.configs.config import (
+    Config,
+    DataConfig,
+    OptimizerConfig,
+    SamplerConfig,
+    TaskConfig,
+    override,
+    parse_value,
+)
+
+# config name -> function(setting) -> Config
+CONFIGS = {
+    "specialist": universal.specialist,
+    "universal": universal.universal,
+}
+
+
+def get_config(name: str) -> Config:
+    """The config `NAME[:SETTING]`, e.g. "specialist:cpu" or "universal:tiny".
+
+    Raises:
+        ValueError: an unknown name or setting; the message lists the known ones.
+    """
+    base, _, setting = str(name).partition(":")
+    if base not in CONFIGS:
+        raise ValueError(f"config must be one of {sorted(CONFIGS)} (with an optional "
+                         f":tiny, :cpu or :paper). Received: config={name!r}")
+    return CONFIGS[base](setting or "paper")
+
+
+__all__ = ["CONFIGS", "Config", "DataConfig", "OptimizerConfig", "SamplerConfig", "TaskConfig",
+           "get_config", "override", "parse_value"]
