@@ -76,7 +76,6 @@ def runs(shared_data_dir, tmp_path_factory):
     return root
 
 
-@pytest.mark.large
 def test_two_workers_match_one_process_with_two_replicas(runs):
     chief, reference = runs / "worker0", runs / "reference"
     chief_log, reference_log = read_log(chief / "log.csv"), read_log(reference / "log.csv")

@@ -135,3 +135,50 @@ def test_empty_splits_are_refused(xray, tmp_path):
         train_embedder(train.subset([]), val, workdir=tmp_path, preset="tiny")
     with pytest.raises(ValueError, match="validation split is empty"):
         train_embedder(train, val.subset([]), workdir=tmp_path, preset="tiny")
+
+
+@pytest.mark.parametrize("tf_config, message", [
+    (None, "strategy 'multi_worker' needs TF_CONFIG"),
+    ("{cluster: 1", "TF_CONFIG is not valid JSON"),
+    ('{"cluster": {}, "task": {"type": "worker", "index": 0}}',
+     "TF_CONFIG must hold a cluster with a list of workers"),
+    ('{"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "ps", "index": 0}}',
+     r"TF_CONFIG's task must name a job of its cluster \['worker'\]"),
+    ('{"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 2}}',
+     r"task index must lie in \[0, 2\) for the 2 worker\(s\)"),
+])
+def test_a_bad_tf_config_is_named_before_anything_starts(tf_config, message, monkeypatch):
+    if tf_config is None:
+        monkeypatch.delenv("TF_CONFIG", raising=False)
+    else:
+        monkeypatch.setenv("TF_CONFIG", tf_config)
+    with pytest.raises(ValueError, match=message):
+        make_strategy("multi_worker")
+
+
+def test_a_resume_with_other_data_or_config_is_refused(xray, tmp_path):
+    train, val = xray
+    settings = dict(workdir=tmp_path, preset="tiny", epochs=3, steps_per_epoch=2, verbose=0)
+    with pytest.raises(SimulatedCrash):
+        train_embedder(train, val, callbacks=[CrashAfterEpoch(0)], **settings)
+    config_before = (tmp_path / "config.json").read_text()
+    other_data = train.subset(np.arange(len(train) - 10))
+    with pytest.raises(ValueError, match=r"holds an interrupted run with another config or other "
+                                         r"data \(differs in \['data.train'\]\)"):
+        train_embedder(other_data, val, **settings)
+    with pytest.raises(ValueError, match=r"differs in \['config.optimizer.learning_rate'\]"):
+        train_embedder(train, val, learning_rate=0.1, **settings)
+    assert (tmp_path / "config.json").read_text() == config_before  # nothing was rewritten
+    result = train_embedder(train, val, **settings)  # the same command resumes
+    assert result.initial_epoch == 1 and result.history["epoch"] == [0.0, 1.0, 2.0]
+
+
+def test_a_monitor_no_evaluator_produces_is_refused_before_training(xray, tmp_path):
+    from tfmir.training import fit, preset_config
+    from tfmir.configs import override
+
+    train, val = xray
+    config = override(preset_config("specialist", "tiny"), {"monitor": "val_map@10"})
+    with pytest.raises(ValueError, match="monitor 'val_map@10' is produced by no evaluator"):
+        fit(config, {"train": train, "val": val}, tmp_path / "run")
+    assert not (tmp_path / "run").exists()

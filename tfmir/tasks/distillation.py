@@ -66,10 +66,7 @@ class Distillation(Task):
         if not source_names or len(set(source_names)) != len(source_names):
             raise ValueError("source_names must be a non-empty sequence of distinct names. "
                              f"Received: source_names={source_names!r}")
-        unknown = sorted(set(map(str, specialists)) - set(source_names))
-        if unknown:
-            raise ValueError(f"specialists names sources {unknown} that are not among the "
-                             f"training sources {source_names}")
+        specialists = check_specialists(dict(specialists), source_names)
         if not getattr(student, "inputs", None):
             raise ValueError("student must be a functional keras.Model with known inputs, such as "
                              f"an Embedder. Received {type(student).__name__}")
