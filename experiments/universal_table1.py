@@ -213,47 +213,23 @@ _DOWNSAMPLE = flags.DEFINE_bool(
 # --- Data ---------------------------------------------------------------------------------------
 
 
-def load_image_csv(path: str, *, source: str) -> dict:
-    """Reads a labels CSV with `image` (path relative to the CSV), `label` and `split` columns.
-
-    The class names come from a `dx` column when there is one (ham10000_subset's layout), else
-    the label numbers.
-
-    Args:
-        path: the CSV file.
-        source: the source name of every item.
-
-    Returns:
-        {split: `Examples` on disk}.
-    """
-    from tfmir.data import Examples, split_by_column
-
-    root = os.path.dirname(os.path.abspath(path))
-    with open(path, newline="", encoding="utf-8-sig") as handle:
-        rows = list(csv.DictReader(handle))
-    if not rows or not {"image", "label", "split"} <= set(rows[0]):
-        raise ValueError(f"{path} needs image, label and split columns. Received "
-                         f"{sorted(rows[0]) if rows else 'no rows'}")
-    labels = np.array([int(row["label"]) for row in rows], dtype=np.int64)
-    names = {int(row["label"]): row.get("dx") or row["label"] for row in rows}
-    class_names = tuple(names.get(label, str(label)) for label in range(int(labels.max()) + 1))
-    examples = Examples(labels=labels, sources=source,
-                        ids=[row.get("image_id") or row["image"] for row in rows],
-                        class_names=class_names,
-                        paths=[os.path.normpath(os.path.join(root, row["image"])) for row in rows],
-                        splits=[row["split"] for row in rows])
-    return split_by_column(examples)
-
-
 def load_source(source: str, spec: str) -> dict:
-    """{split: Examples} of one `--data` entry (see the flag's help)."""
+    """{split: Examples} of one `--data` entry (see the flag's help).
+
+    A label file in HAM10000's layout (`image`, `dx` class name and `split` columns, like
+    ham10000_subset/labels.csv) is read as a manifest with those columns.
+    """
+    from tfmir.data import load_csv_manifest, split_by_column
     from tfmir.data.specs import load_spec
 
     if spec.endswith(".csv"):
         with open(spec, newline="", encoding="utf-8-sig") as handle:
-            header = next(csv.reader(handle), [])
+            header = [name.strip().lower() for name in next(csv.reader(handle), [])]
         if "path" not in header and "image" in header:
-            splits = load_image_csv(spec, source=source)
+            splits = split_by_column(load_csv_manifest(
+                spec, source=source,
+                columns={"path": "image", "label": "dx" if "dx" in header else "label",
+                         "source": None}))
             missing = [split for split in SPLITS if split not in splits]
             if missing:
                 raise ValueError(f"{spec} has no {missing} rows in its split column")
@@ -575,17 +551,14 @@ def main(argv) -> None:
 
     print("Evaluating on the test splits ...", flush=True)
     embeddings, results = {}, {}
-    specialist_results = {}
     for source in sources:
         name = f"specialist_{source}"
         embeddings[name] = cached_test_embeddings(workdir / name, data[source]["test"], resize_size)
-        specialist_results[source] = evaluate_retrieval(
-            None, data[source]["test"], resize_size=resize_size, ks=EVAL_KS,
-            embeddings=embeddings[name])[source]
-    specialist_results["average"] = {
-        key: float(np.mean([specialist_results[source][key] for source in sources]))
-        for key in specialist_results[sources[0]]}
-    results["specialists"] = specialist_results
+    # The fused test split holds the sources in this order; each source is scored on its own
+    # rows, here with its own specialist's embeddings.
+    results["specialists"] = evaluate_retrieval(
+        None, test, resize_size=resize_size, ks=EVAL_KS,
+        embeddings=np.concatenate([embeddings[f"specialist_{source}"] for source in sources]))
     for name in ["concatenation", *FUSION_RUNS, "universal"]:
         embeddings[name] = cached_test_embeddings(workdir / name, test, resize_size)
         results[name] = evaluate_retrieval(None, test, resize_size=resize_size, ks=EVAL_KS,

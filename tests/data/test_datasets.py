@@ -334,6 +334,28 @@ def test_csv_manifest_missing_column_names_column_file_and_found(shared_data_dir
         load_csv_manifest(tmp_path / "no_label.csv")
 
 
+def test_csv_manifest_reads_other_column_names(tmp_path, real_jpegs):
+    # HAM10000's layout: image paths in "image", class names in "dx", a "label" column of ints
+    # and a "source" column that the mapping replaces.
+    names = []
+    for paths in real_jpegs.values():
+        shutil.copy(paths[0], tmp_path / paths[0].name)
+        names.append(paths[0].name)
+    lines = ["image_id,image,label,dx,split,source", f"a,{names[0]},5,nv,train,HAM10000",
+             f"b,{names[1]},4,mel,train,HAM10000", f"c,{names[2]},5,nv,test,HAM10000"]
+    (tmp_path / "labels.csv").write_text("\n".join(lines) + "\n")
+    examples = load_csv_manifest(tmp_path / "labels.csv", source="skin",
+                                 columns={"path": "image", "label": "dx", "source": None})
+    assert examples.class_names == ("mel", "nv")  # names sorted, then numbered
+    assert examples.labels.tolist() == [1, 0, 1]
+    assert examples.sources.tolist() == ["skin"] * 3
+    assert examples.splits.tolist() == ["train", "train", "test"]
+    assert examples.ids.tolist() == names
+    with pytest.raises(ValueError, match=r"columns keys must be among path, label, source, mask, "
+                                         r"split. Received: columns=\{'id': 'image_id'\}"):
+        load_csv_manifest(tmp_path / "labels.csv", columns={"id": "image_id"})
+
+
 # --- Examples and concatenate -----------------------------------------------------------------
 
 

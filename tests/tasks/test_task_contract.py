@@ -92,3 +92,14 @@ def test_a_task_asking_for_masks_refuses_a_split_without_them(sample):
     task.fields = ("image", "label", "mask")
     with pytest.raises(ValueError, match="trains on masks, but the training split has no masks"):
         task.check_fields(sample["train"], "training")
+
+
+def test_a_config_without_evaluators_uses_the_tasks(sample, tmp_path):
+    from tfmir.training import fit
+
+    config = override(specialist_config(), {"evaluators": None, "monitor": None, "mode": None,
+                                            "epochs": 1, "steps_per_epoch": 1})
+    result = fit(config, sample, tmp_path, verbose=0)
+    assert MetricLearning.monitor == "val_recall@1" and MetricLearning.mode == "max"
+    assert {"val_recall@1", "val_recall@8"} <= set(result.history)
+    assert result.best_path.exists()

@@ -90,9 +90,10 @@ class Config:
         epochs: number of epochs.
         steps_per_epoch: batches per epoch (sampler batches are endless).
         evaluators: `tfmir.training.evaluators` specs run on the validation split each epoch
-            (names or {"name": ..., **arguments}).
-        monitor: the logged metric that picks `best.keras` (e.g. "val_recall@1").
-        mode: "max" or "min" for `monitor`.
+            (names or {"name": ..., **arguments}); None: the task's.
+        monitor: the logged metric that picks `best.keras` (e.g. "val_recall@1"); None: the
+            task's.
+        mode: "max" or "min" for `monitor`; None: the task's.
         seed: seeds weights, sampling and augmentation.
         strategy: a `tfmir.training.STRATEGIES` name.
         mixed_precision: train under the "mixed_bfloat16" policy.
@@ -104,9 +105,9 @@ class Config:
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     epochs: int = 10
     steps_per_epoch: int = 100
-    evaluators: list = dataclasses.field(default_factory=lambda: [{"name": "recall"}])
-    monitor: str = "val_recall@1"
-    mode: str = "max"
+    evaluators: list | None = None
+    monitor: str | None = None
+    mode: str | None = None
     seed: int = 0
     strategy: str = "auto"
     mixed_precision: bool = False

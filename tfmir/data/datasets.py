@@ -26,7 +26,7 @@ import pathlib
 import tempfile
 import urllib.error
 import urllib.request
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 from absl import logging
@@ -741,7 +741,8 @@ def _parse_labels(values: Sequence[str], path: str) -> tuple[np.ndarray, tuple[s
 
 
 def load_csv_manifest(path: str | os.PathLike, *, root: str | os.PathLike | None = None,
-                      strict: bool = False, source: str | None = None) -> Examples:
+                      strict: bool = False, source: str | None = None,
+                      columns: Mapping[str, str | None] | None = None) -> Examples:
     """Reads a CSV manifest with a header row: `path,label[,source][,mask][,split]`.
 
     Other columns are ignored. Labels may be integers (kept as they are; class names "0".."max")
@@ -753,6 +754,9 @@ def load_csv_manifest(path: str | os.PathLike, *, root: str | os.PathLike | None
             CSV's folder).
         strict: raise on the first unreadable file instead of skipping its row.
         source: the source of rows without a `source` value (default: the CSV folder's name).
+        columns: where a manifest names its columns otherwise: {tfmir name: header name}, a
+            None header ignoring that column; e.g. `{"path": "image", "label": "dx",
+            "source": None}` reads HAM10000-style label files.
 
     Returns:
         `Examples` on disk; `mask_paths` when there is a `mask` column ("" where empty), `splits`
@@ -778,8 +782,18 @@ def load_csv_manifest(path: str | os.PathLike, *, root: str | os.PathLike | None
         if header is None:
             raise ValueError(f"{path} is empty; expected a header row "
                              "path,label[,source][,mask][,split]")
-        columns = [name.strip().lower() for name in header]
         rows = [row for row in reader if any(cell.strip() for cell in row)]
+    mapping = dict(columns or {})
+    unknown = sorted(set(mapping) - {"path", "label", "source", "mask", "split"})
+    if unknown:
+        raise ValueError(f"columns keys must be among path, label, source, mask, split. "
+                         f"Received: columns={columns!r}")
+    renamed = {header_name.strip().lower(): name for name, header_name in mapping.items()
+               if header_name is not None}
+    # A header that is renamed takes its tfmir name; a column named like a tfmir name that the
+    # mapping takes from elsewhere (or ignores) is dropped.
+    columns = [renamed.get(name, None if name in mapping else name)
+               for name in (name.strip().lower() for name in header)]
     for required in ("path", "label"):
         if required not in columns:
             raise ValueError(f"{path} has no {required!r} column; expected a header row "

@@ -28,8 +28,9 @@ class Task(keras.Model):
       distilled student, a feature extractor).
     - `image_size`: the input side S.
 
-    Its evaluators, the monitored metric and its mode come from the experiment config (each
-    paper's config names them), so one task serves several tables.
+    - `evaluators`, `monitor`, `mode`: what runs on the validation split after every epoch
+      (`tfmir.training.evaluators` specs), the logged metric that picks `best.keras` and
+      whether higher ("max") or lower ("min") is better. A config may replace them.
 
     Args:
         inputs: the functional inputs (a dict {"image": keras.Input}).
@@ -39,6 +40,9 @@ class Task(keras.Model):
 
     fields: tuple = ("image", "label")
     samplers: tuple = ("class_balanced",)
+    evaluators: tuple = ({"name": "recall", "ks": [1, 2, 4, 8]},)
+    monitor: str = "val_recall@1"
+    mode: str = "max"
 
     @property
     def deployable_model(self) -> keras.Model:

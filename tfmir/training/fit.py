@@ -137,10 +137,18 @@ def data_digest(examples: Examples | None) -> str | None:
     return digest.hexdigest()
 
 
-def _check_config(config: Config, val: Examples | None):
+def _resolve_config(config: Config, val: Examples | None):
+    """Checks `config`; returns it with the task's evaluators, monitor and mode filled in, and
+    the evaluators."""
     if config.task.name not in TASKS:
         raise ValueError(f"task must be one of {sorted(TASKS)}. "
                          f"Received: task={config.task.name!r}")
+    task_class = TASKS[config.task.name]
+    config = dataclasses.replace(
+        config,
+        evaluators=list(task_class.evaluators) if config.evaluators is None else config.evaluators,
+        monitor=task_class.monitor if config.monitor is None else config.monitor,
+        mode=task_class.mode if config.mode is None else config.mode)
     if config.strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}. "
                          f"Received: strategy={config.strategy!r}")
@@ -153,7 +161,7 @@ def _check_config(config: Config, val: Examples | None):
     evaluators = [make_evaluator(spec) for spec in config.evaluators]
     if val is not None:
         check_monitor(config.monitor, evaluators, val)
-    return evaluators
+    return config, evaluators
 
 
 def _check_splits(train: Examples, val: Examples | None) -> None:
@@ -289,7 +297,7 @@ def fit(config: Config, splits: Mapping[str, Examples | None], workdir: os.PathL
     """
     train, val = splits["train"], splits.get("val")
     _check_splits(train, val)
-    evaluators = _check_config(config, val)
+    config, evaluators = _resolve_config(config, val)
     workdir = pathlib.Path(workdir)
 
     # First, before any TensorFlow op runs: multi-worker collectives are configured at startup.
