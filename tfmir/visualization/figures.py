@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from typing import Mapping
 
 import numpy as np
 
+from tfmir.files import write_atomic
 from tfmir.visualization.gallery import save_gallery
 
 PANEL_SIZE = (4.8, 3.6)  # inches per panel; with DPI = 100 a panel is 480 x 360 pixels
@@ -43,19 +43,10 @@ def _new_figure(num_panels: int, panel_size=PANEL_SIZE, dpi: int = DPI):
 
 
 def _save_figure(figure, path: os.PathLike) -> str:
-    """Writes `figure` as a PNG through a temporary file and a rename; returns the path."""
+    """Writes `figure` as a PNG atomically (`tfmir.files.write_atomic`); returns the path."""
     path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(suffix=".png", dir=directory)
-    os.close(handle)
-    try:
-        # No bbox_inches="tight": the PNG keeps exactly figsize x dpi pixels.
-        figure.savefig(temporary, format="png", dpi=figure.dpi)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+    # No bbox_inches="tight": the PNG keeps exactly figsize x dpi pixels.
+    write_atomic(path, lambda stream: figure.savefig(stream, format="png", dpi=figure.dpi))
     return path
 
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
-import tempfile
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from tfmir.files import write_atomic
 
 MATCH_COLOR = (0, 170, 0)
 MISMATCH_COLOR = (210, 0, 0)
@@ -78,13 +79,5 @@ def save_gallery(path: os.PathLike, query_images, query_labels, result_images, r
             draw.text((left + 2, top + tile_size + 1), f"{rank + 1}: {name(result_labels[row, rank])}",
                       fill=MATCH_COLOR if match else MISMATCH_COLOR)
     path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    handle, temporary = tempfile.mkstemp(suffix=".png", dir=os.path.dirname(os.path.abspath(path)))
-    os.close(handle)
-    try:
-        canvas.save(temporary, format="PNG")
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+    write_atomic(path, lambda stream: canvas.save(stream, format="PNG"))
     return path
