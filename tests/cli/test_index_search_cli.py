@@ -219,6 +219,14 @@ def test_hamming_index_and_search_use_the_signs_of_the_embeddings(models, folder
     embeddings = embeddings_of(index.paths.tolist())
     assert np.all((codes == (embeddings > 0)) | (np.abs(embeddings) < 1e-5))
 
+    # An existing index is refused without --overwrite and left as it was.
+    before = (output / "manifest.json").read_bytes()
+    again = tfmir("index", f"--model={export}", f"--data=skin={folder / 'second'}",
+                  "--kind=hamming", f"--output={output}")
+    assert again.returncode != 0 and "Traceback" not in again.stderr
+    assert f"--output={output} already holds an index; pass --overwrite" in again.stderr
+    assert (output / "manifest.json").read_bytes() == before
+
     query = sorted((folder / "second").iterdir())[0]
     result = tfmir("search", f"--index={output}", f"--model={export}", "--k=5", query)
     assert result.returncode == 0, result.stderr[-3000:]

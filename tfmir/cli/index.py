@@ -14,7 +14,8 @@ default) and also a plain folder of images without class sub-folders (unlabelled
 codes for D-dimensional embeddings), and searches by Hamming distance; `tfmir search` and
 `tfmir serve` turn query embeddings into codes the same way.
 
-Embeddings are written in shards to <output>.shards/ as they are computed; after an
+An existing index at --output is replaced only with --overwrite (atomically: a reader sees the
+old index or the new one). Embeddings are written in shards to <output>.shards/ as they are computed; after an
 interruption, run the same command again and the finished shards are reused (checked against
 their ids and the model fingerprint). Once the index is saved (atomically) the shards are removed.
 """
@@ -55,6 +56,8 @@ _STRICT = flags.DEFINE_bool("strict", False, "Refuse unreadable image files inst
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Folder of MedMNIST .npz files.")
 _DOWNLOAD = flags.DEFINE_bool("download", False, "Download missing MedMNIST files.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the 2:1:1 split of folders and manifests.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing index at --output "
+                               "(without it, an existing index is refused, as tfmir export does).")
 
 SPLITS = ("train", "val", "test")
 
@@ -171,6 +174,9 @@ def build_index(model: str, specs, output: str) -> None:
             and (not os.path.isdir(output) or os.listdir(output)):
         raise IndexCommandError(f"--output={output} exists and is not an index directory; "
                                 "choose another path.")
+    if os.path.isfile(os.path.join(output, "manifest.json")) and not _OVERWRITE.value:
+        raise IndexCommandError(f"--output={output} already holds an index; pass --overwrite "
+                                "to replace it, or choose another path.")
     parts = load_parts(specs, _SPLITS.value)
     total = sum(len(examples) for examples, _ in parts)
     try:
