@@ -3,6 +3,7 @@
 import csv
 import io
 import itertools
+import os
 import re
 
 import numpy as np
@@ -567,3 +568,14 @@ def test_real_lesion_masks_from_a_manifest(tmp_path, shared_data_dir):
                             **options)
     for _, targets in training.take(2):
         assert set(np.unique(targets["mask"]).tolist()) == {0.0, 1.0}
+
+
+def test_files_whose_names_are_not_utf8_are_read(tmp_path):
+    # A name with bytes that are not UTF-8 (os.fsdecode keeps them as surrogate escapes).
+    path = os.fsdecode(os.fsencode(str(tmp_path)) + b"/scan\xff\xfe.png")
+    pixels = np.arange(4 * 4 * 3, dtype=np.uint8).reshape(4, 4, 3)
+    Image.fromarray(pixels).save(os.fsencode(path), format="PNG")
+    examples = Examples(labels=[0], sources="s", ids=["a"], class_names=("x",), paths=[path])
+    (element,) = list(make_dataset(examples, training=False, batch_size=1, image_size=4,
+                                   resize_size=4, fields=("image",)))
+    np.testing.assert_array_equal(element["image"][0].numpy(), pixels.astype("float32"))

@@ -412,3 +412,16 @@ def test_bad_manifests_are_refused(tmp_path):
         Index.load(path)
     with pytest.raises(ValueError, match="not found"):
         Index.load(tmp_path / "nowhere")
+
+
+def test_file_names_that_are_not_utf8_survive_save_and_load(tmp_path):
+    # Python keeps such a name as surrogate escapes (os.fsdecode); the table keeps its bytes.
+    name = os.fsdecode(b"scans/img\xff\xfe.png")
+    index = ExactIndex(metric="l2", dimension=2)
+    index.build(np.eye(2, dtype="float32"), ids=[name, "plain"], labels=["a", "b"],
+                paths=["/archive/" + name, ""])
+    index.save(tmp_path / "index")
+    restored = ExactIndex.load(tmp_path / "index")
+    assert restored.ids.tolist() == [name, "plain"]
+    assert restored.paths.tolist()[0] == "/archive/" + name
+    assert restored.search(np.eye(2, dtype="float32")[:1], k=1)[0][0]["id"] == name

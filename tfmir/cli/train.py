@@ -47,6 +47,20 @@ def load_config():
     return override(get_config(_CONFIG.value), CONFIG_OVERRIDES)
 
 
+def test_ks(test) -> list:
+    """The K of the test table's Recall@K (1, 2, 4, 8) that every test source can score.
+
+    Raises:
+        ValueError: a test source with fewer than two images (before training starts).
+    """
+    smallest = min(int((test.sources == source).sum()) for source in test.source_names)
+    ks = [k for k in (1, 2, 4, 8) if k < smallest]
+    if not ks:
+        raise ValueError(f"the test split has a source with {smallest} image(s); Recall@K needs "
+                         "at least 2 per source (each query is excluded from its own gallery)")
+    return ks
+
+
 def main(argv) -> None:
     del argv
     import keras
@@ -62,6 +76,7 @@ def main(argv) -> None:
                             strict=_STRICT.value, seed=config.seed)
         for split, examples in splits.items():
             logging.info("%s: %d images, sources %s", split, len(examples), examples.source_names)
+        ks = test_ks(splits["test"])
         result = fit(config, splits, _WORKDIR.value)
     except ValueError as error:  # bad input: one clear line, no traceback
         sys.exit(f"tfmir train: {error}")
@@ -71,8 +86,8 @@ def main(argv) -> None:
                  "".join(f"--config.{key}={value}\n" for key, value in CONFIG_OVERRIDES.items()))
     best_path = result.best_path if result.best_path and result.best_path.exists() else None
     best = keras.saving.load_model(best_path) if best_path else result.model
-    test = evaluate_retrieval(best, splits["test"], resize_size=result.resize_size)
-    table = recall_table({"best": test})
+    test = evaluate_retrieval(best, splits["test"], resize_size=result.resize_size, ks=ks)
+    table = recall_table({"best": test}, ks=ks)
     write_json(os.path.join(_WORKDIR.value, "results.json"),
                {"test": test, "epochs_run": len(result.history.get("epoch", [])),
                 "resumed_from_epoch": result.initial_epoch})

@@ -22,6 +22,7 @@ for element in test_dataset:
 from __future__ import annotations
 
 import io
+import os
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -308,6 +309,12 @@ def _check_mask_files(examples: Examples) -> None:
             )
 
 
+def _path_tensor(paths) -> tf.Tensor:
+    """File names as the bytes the file system holds: a name that is not UTF-8 (kept by Python
+    as surrogate escapes) must still open, and TensorFlow strings take bytes, not surrogates."""
+    return tf.constant([os.fsencode(str(path)) for path in paths], dtype=tf.string)
+
+
 def make_dataset(examples: Examples, *, training: bool, batch_size: int | None = None,
                  sampler: Iterable[np.ndarray] | None = None, image_size: int = 224,
                  resize_size: int = 256, fields: Sequence[str] = ("image", "label"),
@@ -450,8 +457,8 @@ def make_dataset(examples: Examples, *, training: bool, batch_size: int | None =
         dataset = indices.enumerate().map(load, num_parallel_calls=num_parallel_calls,
                                           deterministic=deterministic)
     else:
-        paths = tf.convert_to_tensor(examples.paths, dtype=tf.string)
-        mask_paths = tf.convert_to_tensor(examples.mask_paths, tf.string) if with_masks else None
+        paths = _path_tensor(examples.paths)
+        mask_paths = _path_tensor(examples.mask_paths) if with_masks else None
         if indices_batched:
             indices = indices.unbatch()
 

@@ -536,7 +536,8 @@ class Index:
         return entry
 
     def _write_table(self, path):
-        with open(path, "w", encoding="utf-8") as f:
+        # surrogateescape: a file name that is not UTF-8 is written back as its own bytes.
+        with open(path, "w", encoding="utf-8", errors="surrogateescape") as f:
             for row in range(len(self._ids)):
                 f.write(json.dumps(self._table_row(row, with_row=False), ensure_ascii=False))
                 f.write("\n")
@@ -618,7 +619,7 @@ def _check_expected(what, actual, expected, error=ValueError):
 
 def _read_table(path):
     rows = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
         for number, line in enumerate(f, start=1):
             try:
                 row = json.loads(line)

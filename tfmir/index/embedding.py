@@ -299,5 +299,5 @@ def _digest(ids: np.ndarray) -> str:
 
     digest = hashlib.sha256()
     for item in ids:
-        digest.update(item.encode("utf-8") + b"\0")
+        digest.update(item.encode("utf-8", "surrogateescape") + b"\0")
     return digest.hexdigest()
