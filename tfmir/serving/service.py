@@ -33,6 +33,7 @@ from __future__ import annotations
 import os
 from collections import Counter
 
+import numpy as np
 from absl import logging
 
 from tfmir.serving.backends import (DEFAULT_MAX_IMAGE_PIXELS, BackendError, LocalBackend,
@@ -157,8 +158,10 @@ class SearchService:
             results (ties go to the nearest).
 
         Raises:
-            RequestError: a bad k or source (400), or an image that is refused (400, 413).
-            BackendError: TF Serving failed or answered embeddings of the wrong shape.
+            RequestError: a bad k or source (400), an image that is refused (400, 413), or
+                one whose embedding is all zeros under a cosine or dot index (422).
+            BackendError: TF Serving failed or answered embeddings of the wrong shape or with
+                NaN / infinite values (502).
         """
         k = self.k if k is None else k
         if k < 1:
@@ -176,6 +179,14 @@ class SearchService:
             raise BackendError(f"{self.embed.description} answered an embedding of shape "
                                f"{embeddings.shape}; the index has dimension "
                                f"{self.index.dimension}.")
+        if not np.all(np.isfinite(embeddings)):
+            raise BackendError(f"{self.embed.description} answered an embedding with NaN or "
+                               "infinite values; the model or its server is faulty.")
+        if self.index.metric in ("cosine", "dot") and not np.any(embeddings):
+            # Every score would be 0: a ranking (and a predicted label) by index order alone.
+            raise RequestError(422, "the model gave this image an all-zero embedding, which "
+                                    f"cannot be ranked by {self.index.metric} similarity; send "
+                                    "another image.")
         results = search_sources(self.index, embeddings, k, source)
         return {"results": results[0], "predicted_label": predicted_labels(results)[0]}
 
