@@ -84,6 +84,15 @@ def test_train_refuses_bad_configs_in_one_line(arguments, message, tmp_path):
     assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
+def test_train_refuses_an_output_path_that_is_a_file(tmp_path):
+    blocked = tmp_path / "run"
+    blocked.write_text("not a folder")
+    result = tfmir("train", "--data=sample", f"--workdir={blocked}", "--config=specialist:tiny")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert f"workdir {blocked} is a file; expected a folder" in result.stderr
+    assert blocked.read_text() == "not a folder"
+
+
 def test_train_distils_the_universal_model_from_the_command_line(tmp_path):
     specialist = tmp_path / "retina.keras"
     keras.utils.set_random_seed(0)

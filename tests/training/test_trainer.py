@@ -182,3 +182,15 @@ def test_a_monitor_no_evaluator_produces_is_refused_before_training(xray, tmp_pa
     with pytest.raises(ValueError, match="monitor 'val_map@10' is produced by no evaluator"):
         fit(config, {"train": train, "val": val}, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_class_too_small_for_its_share_is_named_by_its_name(xray, tmp_path):
+    train, val = xray
+    pneumonia = np.flatnonzero(train.labels == 1)
+    few = train.subset(np.sort(np.concatenate([np.flatnonzero(train.labels == 0),
+                                               pneumonia[:3]])))
+    with pytest.raises(ValueError, match=r"class 'pneumonia' \(label 1\) has 3 images, fewer "
+                                         r"than num_per_class=5"):
+        train_embedder(few, val, workdir=tmp_path / "run", preset="tiny",
+                       num_classes_per_batch=2, num_per_class=5)
+    assert not (tmp_path / "run").exists()

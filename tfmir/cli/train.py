@@ -78,7 +78,7 @@ def main(argv) -> None:
             logging.info("%s: %d images, sources %s", split, len(examples), examples.source_names)
         ks = test_ks(splits["test"])
         result = fit(config, splits, _WORKDIR.value)
-    except ValueError as error:  # bad input: one clear line, no traceback
+    except (ValueError, OSError) as error:  # bad input, unwritable output: one line
         sys.exit(f"tfmir train: {error}")
     if not result.final_path.exists():
         return  # a non-chief worker: the chief writes the results

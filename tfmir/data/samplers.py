@@ -31,7 +31,7 @@ class _ClassDraw:
     """
 
     def __init__(self, indices: np.ndarray, labels: np.ndarray, num_classes_per_batch: int,
-                 num_per_class: int, where: str):
+                 num_per_class: int, where: str, class_names: Sequence[str] | None = None):
         classes, inverse = np.unique(labels, return_inverse=True)
         inverse = inverse.reshape(-1)
         self.members = [indices[inverse == position] for position in range(len(classes))]
@@ -40,10 +40,14 @@ class _ClassDraw:
         self.batch_size = num_classes_per_batch * num_per_class
         self.fill = len(classes) < num_classes_per_batch
         counts = [len(members) for members in self.members]
+
+        def describe(label):
+            return f"{class_names[label]!r} (label {label})" if class_names else str(label)
+
         for label, count in zip(classes, counts):
             if count < num_per_class:
                 raise ValueError(
-                    f"class {label}{where} has {count} images, fewer than num_per_class="
+                    f"class {describe(label)}{where} has {count} images, fewer than num_per_class="
                     f"{num_per_class} needed per class in a batch; drop the class or lower "
                     "num_per_class"
                 )
@@ -52,7 +56,7 @@ class _ClassDraw:
             for label, count in zip(classes, counts):
                 if count < largest_share:
                     raise ValueError(
-                        f"class {label}{where} has {count} images, but with only "
+                        f"class {describe(label)}{where} has {count} images, but with only "
                         f"{len(classes)} classes (fewer than num_classes_per_batch="
                         f"{num_classes_per_batch}) each class must fill up to {largest_share} "
                         f"of the {self.batch_size} slots of a batch"
@@ -102,6 +106,7 @@ class ClassBalancedSampler:
         num_classes_per_batch: c, the classes per batch.
         num_per_class: k, the images per class (5 in the paper).
         seed: the random seed; every new iterator restarts the same sequence.
+        class_names: label -> name, to name a class that cannot fill its share of a batch.
 
     Example:
 
@@ -116,7 +121,8 @@ class ClassBalancedSampler:
     """
 
     def __init__(self, labels: np.ndarray | Sequence[int], *, num_classes_per_batch: int,
-                 num_per_class: int = 5, seed: int = 0):
+                 num_per_class: int = 5, seed: int = 0,
+                 class_names: Sequence[str] | None = None):
         _check_counts(num_classes_per_batch, num_per_class)
         labels = _as_labels(labels)
         self.num_classes_per_batch = int(num_classes_per_batch)
@@ -124,7 +130,8 @@ class ClassBalancedSampler:
         self.seed = seed
         self.num_items = len(labels)
         self._draw = _ClassDraw(np.arange(len(labels), dtype=np.int64), labels,
-                                self.num_classes_per_batch, self.num_per_class, where="")
+                                self.num_classes_per_batch, self.num_per_class, where="",
+                                class_names=class_names)
 
     @property
     def batch_size(self) -> int:
@@ -151,6 +158,7 @@ class SourceAwareSampler:
         num_per_class: k, the images per class (5 in the paper).
         source_weights: "size", "uniform" or {source: positive weight} naming every source.
         seed: the random seed; every new iterator restarts the same sequence.
+        class_names: label -> name, to name a class that cannot fill its share of a batch.
 
     Example:
 
@@ -168,7 +176,8 @@ class SourceAwareSampler:
 
     def __init__(self, labels: np.ndarray | Sequence[int], sources: np.ndarray | Sequence[str], *,
                  num_classes_per_batch: int, num_per_class: int = 5,
-                 source_weights: str | Mapping[str, float] = "size", seed: int = 0):
+                 source_weights: str | Mapping[str, float] = "size", seed: int = 0,
+                 class_names: Sequence[str] | None = None):
         _check_counts(num_classes_per_batch, num_per_class)
         labels = _as_labels(labels)
         sources = np.asarray(sources).astype(str)
@@ -184,7 +193,8 @@ class SourceAwareSampler:
         for name in self.source_names:
             members = np.flatnonzero(sources == name).astype(np.int64)
             self._draws.append(_ClassDraw(members, labels[members], self.num_classes_per_batch,
-                                          self.num_per_class, where=f" of source {name!r}"))
+                                          self.num_per_class, where=f" of source {name!r}",
+                                          class_names=class_names))
         sizes = np.array([np.sum(sources == name) for name in self.source_names], dtype=np.float64)
         if isinstance(source_weights, str):
             if source_weights not in SOURCE_WEIGHTS:

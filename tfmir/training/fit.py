@@ -106,9 +106,11 @@ def make_sampler(examples: Examples, config, *, allowed=SAMPLERS, seed: int = 0)
         return SourceAwareSampler(examples.labels, examples.sources,
                                   num_classes_per_batch=config.num_classes_per_batch,
                                   num_per_class=config.num_per_class,
-                                  source_weights=config.source_weights, seed=seed)
+                                  source_weights=config.source_weights, seed=seed,
+                                  class_names=examples.class_names)
     return ClassBalancedSampler(examples.labels, num_classes_per_batch=config.num_classes_per_batch,
-                                num_per_class=config.num_per_class, seed=seed)
+                                num_per_class=config.num_per_class, seed=seed,
+                                class_names=examples.class_names)
 
 
 def make_optimizer(config, steps_per_epoch: int) -> keras.optimizers.Optimizer:
@@ -299,6 +301,8 @@ def fit(config: Config, splits: Mapping[str, Examples | None], workdir: os.PathL
     _check_splits(train, val)
     config, evaluators = _resolve_config(config, val)
     workdir = pathlib.Path(workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise ValueError(f"workdir {workdir} is a file; expected a folder (or a path to create)")
 
     # First, before any TensorFlow op runs: multi-worker collectives are configured at startup.
     strategy = make_strategy(config.strategy)
