@@ -215,6 +215,8 @@ def _refusals(archive):
         ("POST", "/search?k=-2", jpeg, "image/jpeg", 400, "k must be at least 1"),
         ("POST", "/search?k=2.5", jpeg, "image/jpeg", 400, "k must be an integer"),
         ("POST", "/search?k=many", jpeg, "image/jpeg", 400, "k must be an integer"),
+        ("POST", "/search?k=99999999999999999999", jpeg, "image/jpeg", 400,
+         "k is far larger than any index. Received: k=99999999999999999999"),
         ("POST", f"/search?k={NUM_INDEXED + 1}", jpeg, "image/jpeg", 400,
          f"larger than the index ({NUM_INDEXED} items)"),
         ("POST", "/search?k=13&source=skin", jpeg, "image/jpeg", 400,

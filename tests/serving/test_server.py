@@ -251,6 +251,12 @@ def test_multipart_field_returns_binary_contents_unchanged():
         multipart_field(body, boundary, "scan")
     with pytest.raises(RequestError, match="malformed"):
         multipart_field(b"no parts here", boundary, "image")
+    # Two image fields: which one to search would be a guess.
+    twice = body.replace(b"name=\"comment\"", b"name=\"image\"")
+    with pytest.raises(RequestError, match="holds the field 'image' more than once; send one "
+                                           "image per request") as refused:
+        multipart_field(twice, boundary, "image")
+    assert refused.value.status == 400
 
 
 def test_model_error_message_keeps_the_line_that_matters():

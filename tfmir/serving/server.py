@@ -297,6 +297,8 @@ def _query_parameters(query: str) -> tuple[int | None, str | None]:
     k = None
     if "k" in parameters:
         value = parameters["k"][0].strip()
+        if re.fullmatch(r"[+-]?\d{19,}", value):  # an integer, but no index holds that many
+            raise RequestError(400, f"k is far larger than any index. Received: k={value}")
         if not re.fullmatch(r"[+-]?\d{1,18}", value):
             raise RequestError(400, f"k must be an integer. Received: k={value!r}")
         k = int(value)
@@ -344,7 +346,8 @@ def multipart_field(body: bytes, boundary: str, name: str) -> bytes:
         The field's bytes.
 
     Raises:
-        RequestError: 400 for a malformed body or a missing field.
+        RequestError: 400 for a malformed body, a missing field, or a field given twice (which
+            of two images to search would be a guess).
     """
     if not boundary.isascii():
         raise RequestError(400, f"the {MULTIPART_CONTENT_TYPE} boundary is not ASCII.")
@@ -354,6 +357,7 @@ def multipart_field(body: bytes, boundary: str, name: str) -> bytes:
         raise RequestError(400, f"malformed {MULTIPART_CONTENT_TYPE} body: it does not hold "
                                 "parts separated by its boundary.")
     names = []
+    found = None
     for part in parts[1:]:
         if part.startswith(b"--"):  # the closing delimiter
             break
@@ -364,8 +368,13 @@ def multipart_field(body: bytes, boundary: str, name: str) -> bytes:
         headers = email.parser.BytesHeaderParser().parsebytes(head + b"\r\n\r\n")
         part_name = headers.get_param("name", header="content-disposition")
         if part_name == name:
-            return contents.removesuffix(b"\r\n")
+            if found is not None:
+                raise RequestError(400, f"the {MULTIPART_CONTENT_TYPE} body holds the field "
+                                        f"{name!r} more than once; send one image per request.")
+            found = contents.removesuffix(b"\r\n")
         names.append(part_name)
+    if found is not None:
+        return found
     raise RequestError(400, f"the {MULTIPART_CONTENT_TYPE} body has no field {name!r} (fields: "
                             f"{names}); send the image as that field, e.g. "
                             f"curl -F {name}=@query.jpg.")
