@@ -31,6 +31,7 @@ import numpy as np
 
 from tfmir.data import Examples, make_dataset
 from tfmir.index.exact import METRICS, exact_search
+from tfmir.index.hamming import sign_codes
 from tfmir.metrics import dice_score, iou_score, knn_classification, map_at_k
 from tfmir.training.evaluation import _embed_function, embed_examples, evaluate_retrieval
 
@@ -332,7 +333,8 @@ class MeanAveragePrecision(Evaluator):
             # For ±1 codes of B bits, q·g = B - 2·hamming(q, g): ranking by largest dot product
             # is ranking by smallest Hamming distance, exact in float32, and exact_search breaks
             # ties by index and excludes each query itself.
-            vectors, metric = np.where(outputs > 0, 1.0, -1.0).astype(np.float32), "dot"
+            vectors = np.where(sign_codes(outputs), 1.0, -1.0).astype(np.float32)
+            metric = "dot"
         else:
             vectors, metric = outputs, self.metric
         _, indices = exact_search(vectors, vectors, self.k, metric=metric, exclude_self=True)

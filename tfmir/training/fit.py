@@ -16,6 +16,7 @@ through it too, so the multi-worker path cannot rot unnoticed.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import hashlib
 import json
@@ -74,8 +75,6 @@ class TrainingResult:
 
 def read_log(path: os.PathLike) -> dict:
     """Reads a Keras CSVLogger file into {column: [float, ...]} ("epoch" included)."""
-    import csv
-
     history: dict = {}
     if not os.path.exists(path):
         return history
@@ -173,12 +172,11 @@ def _check_splits(train: Examples, val: Examples | None) -> None:
         raise ValueError("the validation split is empty; pass val=None to train without it.")
 
 
-def _prepare_workdir(workdir: pathlib.Path, record: dict, *, chief: bool,
-                     backup_dir: pathlib.Path) -> int:
-    """Checks a resumed run against `record` and writes it; returns the epoch to resume from."""
-    initial_epoch = _backed_up_epoch(backup_dir)
+def _prepare_workdir(workdir: pathlib.Path, record: dict, *, resuming: bool,
+                     chief: bool) -> None:
+    """Checks a resumed run against `record`, then (on the chief) writes it."""
     run_file = workdir / RUN_FILE
-    if initial_epoch and run_file.exists():
+    if resuming and run_file.exists():
         previous = json.loads(run_file.read_text())
         differences = sorted(_differences(previous, record))
         if differences:
@@ -193,7 +191,6 @@ def _prepare_workdir(workdir: pathlib.Path, record: dict, *, chief: bool,
         write_atomic(workdir / "config.json", json.dumps({
             **record["config"], "resize_size": record["config"]["data"]["resize_size"],
             "model": record["config"]["task"]["model"]}, indent=2, default=str) + "\n")
-    return initial_epoch
 
 
 def _differences(previous, current, prefix=""):
@@ -321,19 +318,17 @@ def fit(config: Config, splits: Mapping[str, Examples | None], workdir: os.PathL
             # Before the step is traced: variables cannot be created inside a replica step.
             task.optimizer.build(task.trainable_variables)
         deployable = task.deployable_model
-        # The sampler refuses a split that cannot fill a batch before anything is written.
-        make_sampler(train, config.sampler, allowed=task.samplers, seed=config.seed)
-
         worker = strategy.cluster_resolver.task_id if not chief and getattr(
             strategy, "cluster_resolver", None) else None
         backup_dir = workdir / (BACKUP_DIR if worker is None else f"{BACKUP_DIR}_worker{worker}")
-        record = {"config": config.to_dict(), "num_replicas": strategy.num_replicas_in_sync,
-                  "data": {"train": data_digest(train), "val": data_digest(val)}}
-        initial_epoch = _prepare_workdir(workdir, record, chief=chief, backup_dir=backup_dir)
-
-        # A resumed run draws new batches rather than replaying the epochs it already saw.
+        initial_epoch = _backed_up_epoch(backup_dir)
+        # A resumed run draws new batches rather than replaying the epochs it already saw. The
+        # sampler refuses a split that cannot fill a batch, before anything is written.
         sampler = make_sampler(train, config.sampler, allowed=task.samplers,
                                seed=config.seed + initial_epoch)
+        record = {"config": config.to_dict(), "num_replicas": strategy.num_replicas_in_sync,
+                  "data": {"train": data_digest(train), "val": data_digest(val)}}
+        _prepare_workdir(workdir, record, resuming=initial_epoch > 0, chief=chief)
         dataset = _replica_datasets(strategy, train, sampler, task, config)
         best_path = _run(task, deployable, dataset, strategy, config, evaluators, train, val,
                          workdir, backup_dir, initial_epoch, chief=chief, callbacks=callbacks,
