@@ -237,7 +237,7 @@ def test_load_image_folder_strict_names_the_first_bad_file(tmp_path, real_jpegs)
 
 def test_load_image_folder_accepts_16_bit_png(tmp_path):
     (tmp_path / "xray" / "normal").mkdir(parents=True)
-    pixels = np.array([[0, 1000], [40000, 65535]], np.uint16)
+    pixels = np.tile(np.array([[0, 1000], [40000, 65535]], np.uint16), (4, 4))  # 8 x 8
     Image.fromarray(pixels).save(tmp_path / "xray" / "normal" / "a.png")
     examples = load_image_folder(tmp_path / "xray", source="xray")
     assert examples.ids.tolist() == ["normal/a.png"]
@@ -258,7 +258,7 @@ def test_load_image_folder_errors_name_the_root(tmp_path):
 
 def test_find_unreadable_reports_each_bad_file(tmp_path):
     good = tmp_path / "good.png"
-    Image.fromarray(np.zeros((3, 3), np.uint8)).save(good)
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(good)
     empty = tmp_path / "empty.jpg"
     empty.write_bytes(b"")
     text = tmp_path / "text.png"
@@ -268,6 +268,37 @@ def test_find_unreadable_reports_each_bad_file(tmp_path):
     assert reasons[str(empty)] == "empty file"
     assert reasons[str(tmp_path / "missing.png")] == "file not found"
     assert "UnidentifiedImageError" in reasons[str(text)]
+
+
+def test_find_unreadable_refuses_bombs_and_tiny_images_from_the_header(tmp_path, monkeypatch):
+    # Issue 11, finding 3: a 64-megapixel PNG of a few KB and a JPEG whose header claims
+    # 8000 x 8000 were decoded (GBs of memory, crashes); a 1 x 1 image got a confident answer.
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (8000, 8000)).save(bomb)
+    assert bomb.stat().st_size < 100_000
+    jpeg = tmp_path / "claims_8000.jpg"
+    Image.new("RGB", (16, 16), (10, 20, 30)).save(jpeg, quality=90)
+    data = bytearray(jpeg.read_bytes())
+    sof = data.index(b"\xff\xc0")  # baseline start of frame: length, precision, height, width
+    data[sof + 5:sof + 9] = (8000).to_bytes(2, "big") * 2
+    jpeg.write_bytes(bytes(data))
+    tiny = tmp_path / "one_pixel.png"
+    Image.new("RGB", (1, 1)).save(tiny)
+    smallest = tmp_path / "eight.png"
+    Image.new("RGB", (8, 8)).save(smallest)
+
+    decoded = []
+    original_load = Image.Image.load
+    monkeypatch.setattr(Image.Image, "load", lambda self: decoded.append(self.size) or
+                        original_load(self))
+    reasons = dict(find_unreadable([bomb, jpeg, tiny, smallest]))
+    assert reasons == {
+        str(bomb): "8000 × 8000 = 64000000 pixels, more than max_image_pixels=50000000",
+        str(jpeg): "8000 × 8000 = 64000000 pixels, more than max_image_pixels=50000000",
+        str(tiny): "1 × 1 pixels, a side shorter than the minimum of 8"}
+    assert (8000, 8000) not in decoded  # refused from the header, never decoded
+    assert find_unreadable([smallest], max_image_pixels=63) == [
+        (str(smallest), "8 × 8 = 64 pixels, more than max_image_pixels=63")]
 
 
 def test_csv_manifest_string_labels_masks_splits(tmp_path, shared_data_dir):

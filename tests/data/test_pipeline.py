@@ -430,7 +430,7 @@ def _write_indexed_files(root, formats):
     """One class folder; file i is a constant image of value 10 * i in format formats[i]."""
     (root / "c").mkdir(parents=True)
     for index, (extension, mode) in enumerate(formats):
-        pixels = np.full((5 + index, 9, 3), 10 * index, np.uint8)
+        pixels = np.full((8 + index, 9, 3), 10 * index, np.uint8)
         # An adaptive palette holds the one colour exactly (the default web palette dithers).
         palette = Image.Palette.ADAPTIVE if mode == "P" else Image.Palette.WEB
         image = Image.fromarray(pixels).convert(mode, palette=palette)

@@ -239,6 +239,24 @@ def test_decompression_bombs_are_refused_before_decoding(loaded, images):
             serve(images=tf.constant([images["rgb_png"], bytes(bomb)]))
 
 
+def test_images_under_the_minimum_side_are_refused(loaded):
+    import io
+
+    from PIL import Image
+
+    def png(width, height):
+        buffer = io.BytesIO()
+        Image.new("RGB", (width, height), (200, 10, 10)).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    serve = loaded.signatures["serving_default"]
+    for width, height in ((1, 1), (300, 7)):
+        with pytest.raises(tf.errors.InvalidArgumentError,
+                           match="side shorter than the minimum of 8 pixels"):
+            serve(images=tf.constant([png(width, height)]))
+    assert serve(images=tf.constant([png(8, 300)]))["embedding"].shape[0] == 1
+
+
 @pytest.mark.parametrize("corrupt, message", [
     (lambda images: b"", "image bytes are empty"),
     (lambda images: b"GIF89a is not served", "neither JPEG nor PNG"),

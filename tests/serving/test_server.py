@@ -233,7 +233,10 @@ def test_check_image_reads_only_the_header(archive):
              (jpeg, 413, f"{width} × {height} = {pixels} pixels, more than "
                          f"max_image_pixels={pixels - 1}"),
              # 10^10 pixels: far above PIL's own bomb limit, still judged by max_image_pixels.
-             (png_header(100_000, 100_000), 413, f"max_image_pixels={pixels - 1}")]
+             (png_header(100_000, 100_000), 413, f"max_image_pixels={pixels - 1}"),
+             # A 1 × 1 image used to get a confident answer: below the documented minimum side.
+             (png_header(1, 1), 400, "1 × 1 pixels, a side shorter than the minimum of 8"),
+             (png_header(7, 300), 400, "7 × 300 pixels, a side shorter than the minimum of 8")]
     for data, status, words in cases:
         with pytest.raises(RequestError) as refused:
             check_image(data, max_image_pixels=pixels - 1)

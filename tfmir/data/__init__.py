@@ -24,6 +24,7 @@ from tfmir.data.pipeline import (
     decode_image,
     make_dataset,
     preprocess_image,
+    query_preprocessing,
     read_image_file,
 )
 from tfmir.data.samplers import (
@@ -57,6 +58,7 @@ __all__ = [
     "make_dataset",
     "medmnist_file_name",
     "preprocess_image",
+    "query_preprocessing",
     "read_image_file",
     "split_by_column",
     "split_examples",

@@ -32,6 +32,8 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
+from tfmir.image_limits import DEFAULT_MAX_IMAGE_PIXELS, image_size_problem
+
 SPLIT_NAMES = ("train", "val", "test")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff")
 MEDMNIST_SIZES = (28, 64, 128, 224)
@@ -598,13 +600,18 @@ def load_medmnist_npz(path: str | os.PathLike, *, source: str | None = None,
 
 # --- Files on disk ------------------------------------------------------------------------------
 
+def _check_image(path: str, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> str | None:
+    """Returns why `path` is not a readable image, or None when PIL decodes it fully.
 
-def _check_image(path: str) -> str | None:
-    """Returns why `path` is not a readable image, or None when PIL decodes it fully."""
+    The size is checked from the header first, so a decompression bomb is never decoded.
+    """
     try:
         if os.path.getsize(path) == 0:
             return "empty file"
         with Image.open(path) as image:
+            problem = image_size_problem(*image.size, max_image_pixels)
+            if problem:
+                return problem
             image.load()
     except FileNotFoundError:
         return "file not found"
@@ -614,15 +621,19 @@ def _check_image(path: str) -> str | None:
 
 
 def find_unreadable(paths: Iterable[str | os.PathLike], *,
-                    num_workers: int | None = None) -> list[tuple[str, str]]:
+                    num_workers: int | None = None,
+                    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> list[tuple[str, str]]:
     """Decodes every file with PIL (open + load, in a thread pool) and lists those that fail.
 
     Args:
         paths: image files.
         num_workers: threads (default: min(32, cpu count + 4)).
+        max_image_pixels: the most pixels an image may have (read from its header, before
+            decoding).
 
     Returns:
-        (path, reason) for each missing, empty, truncated, corrupt or non-image file, in the
+        (path, reason) for each missing, empty, truncated, corrupt or non-image file, each image
+        of more than `max_image_pixels` pixels or with a side under `MIN_IMAGE_SIDE`, in the
         order of `paths`.
 
     Example:
@@ -636,7 +647,8 @@ def find_unreadable(paths: Iterable[str | os.PathLike], *,
         return []
     num_workers = num_workers or min(32, (os.cpu_count() or 1) + 4)
     with concurrent.futures.ThreadPoolExecutor(max_workers=min(num_workers, len(paths))) as pool:
-        reasons = list(pool.map(_check_image, paths, chunksize=64))
+        reasons = list(pool.map(lambda path: _check_image(path, max_image_pixels), paths,
+                                chunksize=64))
     return [(path, reason) for path, reason in zip(paths, reasons) if reason is not None]
 
 

@@ -39,7 +39,8 @@ import tensorflow as tf
 import tfmir
 from tfmir.data.pipeline import decode_image, preprocess_image
 from tfmir.files import atomic_directory
-from tfmir.serving.backends import DEFAULT_MAX_IMAGE_PIXELS, JPEG_SIGNATURE, PNG_SIGNATURE
+from tfmir.image_limits import DEFAULT_MAX_IMAGE_PIXELS, MIN_IMAGE_SIDE
+from tfmir.serving.backends import JPEG_SIGNATURE, PNG_SIGNATURE
 
 SERVING_SIGNATURE = "serving_default"
 PIXELS_SIGNATURE = "embed_pixels"
@@ -93,8 +94,9 @@ def _image_shape(encoded: tf.Tensor, max_image_pixels: int) -> tf.Tensor:
     """Reads (height, width) from a JPEG or PNG header, refusing what must not be decoded.
 
     Raises InvalidArgumentError (at run time) for empty bytes, bytes that are neither JPEG nor PNG,
-    a truncated PNG header, and images of more than `max_image_pixels` pixels: a decompression
-    bomb is a small file whose header promises a huge image, so only the header is read here.
+    a truncated PNG header, images of more than `max_image_pixels` pixels (a decompression bomb
+    is a small file whose header promises a huge image, so only the header is read here) and
+    images with a side under `MIN_IMAGE_SIDE`.
     """
     length = tf.strings.length(encoded)
     not_empty = tf.debugging.assert_positive(
@@ -131,7 +133,11 @@ def _image_shape(encoded: tf.Tensor, max_image_pixels: int) -> tf.Tensor:
         height_width[0] * height_width[1], tf.constant(max_image_pixels, tf.int64),
         message=f"image is larger than max_image_pixels={max_image_pixels} (height × width, read "
                 "from its header; the first value below is the image's pixel count)")
-    with tf.control_dependencies([small_enough]):
+    large_enough = tf.debugging.assert_greater_equal(
+        tf.reduce_min(height_width), tf.constant(MIN_IMAGE_SIDE, tf.int64),
+        message=f"image has a side shorter than the minimum of {MIN_IMAGE_SIDE} pixels (read "
+                "from its header; the first value below is its shorter side)")
+    with tf.control_dependencies([small_enough, large_enough]):
         return tf.identity(height_width)
 
 

@@ -39,12 +39,10 @@ import urllib.request
 
 import numpy as np
 
+from tfmir.image_limits import DEFAULT_MAX_IMAGE_PIXELS, image_size_problem
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 JPEG_SIGNATURE = b"\xff\xd8\xff"
-# The most pixels (height × width, from the header) an image may have before it is decoded, for
-# `tfmir serve`, `tfmir export` and `tfmir.export.export_saved_model`. Decoding takes several
-# bytes per pixel; a decompression bomb is a small file whose header promises a huge image.
-DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
 DEFAULT_TIMEOUT_SECONDS = 30.0
 
 
@@ -88,9 +86,10 @@ def check_image(data: bytes, max_image_pixels: int) -> tuple[int, int]:
         (height, width) from the header.
 
     Raises:
-        RequestError: 400 for empty bytes, bytes that are neither JPEG nor PNG, or an unreadable
-            header; 413 for an image of more than `max_image_pixels` pixels (a decompression
-            bomb is a small file whose header promises a huge image).
+        RequestError: 400 for empty bytes, bytes that are neither JPEG nor PNG, an unreadable
+            header, or a side under `tfmir.image_limits.MIN_IMAGE_SIDE`; 413 for an image of more than
+            `max_image_pixels` pixels (a decompression bomb is a small file whose header
+            promises a huge image).
     """
     from PIL import JpegImagePlugin, PngImagePlugin
 
@@ -109,9 +108,10 @@ def check_image(data: bytes, max_image_pixels: int) -> tuple[int, int]:
     except (OSError, ValueError, SyntaxError, EOFError, IndexError, struct.error) as error:
         # What PIL's readers raise for a damaged header.
         raise RequestError(400, f"the image is corrupt (unreadable header: {error}).") from error
-    if height * width > max_image_pixels:
-        raise RequestError(413, f"the image is {width} × {height} = {width * height} pixels, more "
-                                f"than max_image_pixels={max_image_pixels}.")
+    problem = image_size_problem(width, height, max_image_pixels)
+    if problem:
+        raise RequestError(413 if width * height > max_image_pixels else 400,
+                           f"the image is {problem}.")
     return height, width
 
 
@@ -164,6 +164,7 @@ class LocalBackend:
 
         self.embed = load_embedding_function(model, resize_size=resize_size)
         self.fingerprint = self.embed.fingerprint
+        self.preprocessing = self.embed.preprocessing
         self.description = self.embed.description
 
     def __call__(self, images: list[bytes]) -> np.ndarray:
