@@ -2,11 +2,14 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from tfmir import files
+from tfmir.files import LockedError, exclusive_lock
 
 
 def test_write_atomic_takes_text_bytes_or_a_writer(tmp_path):
@@ -85,3 +88,49 @@ def test_report_keeps_its_names(tmp_path):
     report.write_atomic(tmp_path / "t.md", "| a |\n")
     assert json.loads((tmp_path / "r.json").read_text()) == {"recall@1": 0.5}
     assert (tmp_path / "t.md").read_text() == "| a |\n"
+
+
+_HOLD_LOCK = """
+import sys, time
+from tfmir.files import exclusive_lock
+with exclusive_lock(sys.argv[1], "test holder"):
+    print("locked", flush=True)
+    sys.stdin.readline()
+"""
+
+
+def _holder(path):
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(path)], text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+def test_exclusive_lock_refuses_a_second_writer_until_the_first_exits(tmp_path):
+    output = tmp_path / "index"
+    holder = _holder(output)
+    try:
+        with pytest.raises(LockedError, match=rf"{output} is being written by another tfmir "
+                                              rf"index \(it holds {output}.lock\)"):
+            with exclusive_lock(output, "tfmir index"):
+                pass
+    finally:
+        holder.kill()  # a crashed holder: the system drops its lock
+        holder.wait()
+    with exclusive_lock(output, "tfmir index"):
+        assert (tmp_path / "index.lock").exists()
+
+
+def test_tfmir_index_refuses_an_output_another_run_is_writing(tmp_path):
+    output = tmp_path / "index"
+    holder = _holder(output)
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "tfmir.cli", "index", f"--model={tmp_path / 'model.keras'}",
+             f"--data={tmp_path}", f"--output={output}"], capture_output=True, text=True,
+            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}, timeout=300)
+    finally:
+        holder.communicate("\n")
+    assert result.returncode != 0
+    assert f"tfmir index: error: {output} is being written by another tfmir index" in result.stderr
+    assert "Traceback" not in result.stderr and not output.exists()

@@ -6,6 +6,8 @@
 - `atomic_directory(target)` yields a temporary sibling folder to fill; when the block ends
   without an error, every file and folder in it is fsynced and it is renamed to `target`
   (an existing `target` is renamed aside first, put back if the rename fails, and deleted after).
+- `exclusive_lock(path, what)` holds an advisory lock on `<path>.lock` for a block: a second
+  writer of the same output is refused at once with `LockedError` instead of racing the first.
 
 Temporary siblings are hidden and carry `TEMPORARY_MARKER` in their name; a replaced directory
 waits under a name with `ASIDE_MARKER`. Neither name is numeric, so TF Serving never takes them
@@ -35,6 +37,44 @@ from typing import BinaryIO
 
 TEMPORARY_MARKER = ".tfmir-tmp-"
 ASIDE_MARKER = ".tfmir-old-"
+LOCK_SUFFIX = ".lock"
+
+
+class LockedError(ValueError):
+    """Another process holds the lock of an output this one would write."""
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike, what: str) -> Iterator[None]:
+    """Holds an exclusive lock on `<path>.lock` for the block, or refuses at once.
+
+    The lock is `fcntl.flock` on a sibling file, so the operating system drops it when the
+    holder exits, crashed or not: there is never a stale lock to delete by hand. The lock file
+    itself stays (removing it would let a third process lock a new file while a second still
+    holds the old one).
+
+    Args:
+        path: the output to protect (a file or a folder; need not exist yet).
+        what: what writes it, for the message (e.g. "tfmir index").
+
+    Raises:
+        LockedError: another process holds the lock.
+    """
+    import fcntl
+
+    lock_path = os.fspath(path) + LOCK_SUFFIX
+    os.makedirs(os.path.dirname(os.path.abspath(lock_path)), exist_ok=True)
+    with open(lock_path, "a") as stream:
+        try:
+            fcntl.flock(stream, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise LockedError(f"{os.fspath(path)} is being written by another {what} (it holds "
+                              f"{lock_path}); wait for it to finish or choose another "
+                              "output.") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(stream, fcntl.LOCK_UN)
 
 
 def write_atomic(path: str | os.PathLike,

@@ -194,3 +194,31 @@ def test_a_class_too_small_for_its_share_is_named_by_its_name(xray, tmp_path):
         train_embedder(few, val, workdir=tmp_path / "run", preset="tiny",
                        num_classes_per_batch=2, num_per_class=5)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_second_run_on_a_workdir_being_written_is_refused(xray, tmp_path):
+    import subprocess
+    import sys
+
+    from tfmir.files import LockedError
+
+    train, val = xray
+    workdir = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from tfmir.files import exclusive_lock\n"
+         "with exclusive_lock(sys.argv[1], 'training run'):\n"
+         "    print('locked', flush=True); sys.stdin.readline()", str(workdir / "run")],
+        text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(LockedError, match=rf"{workdir / 'run'} is being written by another "
+                                              r"training run"):
+            train_embedder(train, val, workdir=workdir, preset="tiny", epochs=1,
+                           steps_per_epoch=1, verbose=0)
+        assert sorted(path.name for path in workdir.iterdir()) == ["run.lock"]
+    finally:
+        holder.communicate("\n")
+    # Once the other run has ended, the same command trains.
+    result = train_embedder(train, val, workdir=workdir, preset="tiny", epochs=1,
+                            steps_per_epoch=1, verbose=0)
+    assert result.history["epoch"] == [0.0]

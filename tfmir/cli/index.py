@@ -15,9 +15,13 @@ codes for D-dimensional embeddings), and searches by Hamming distance; `tfmir se
 `tfmir serve` turn query embeddings into codes the same way.
 
 An existing index at --output is replaced only with --overwrite (atomically: a reader sees the
-old index or the new one). Embeddings are written in shards to <output>.shards/ as they are computed; after an
-interruption, run the same command again and the finished shards are reused (checked against
-their ids and the model fingerprint). Once the index is saved (atomically) the shards are removed.
+old index or the new one), and a second `tfmir index` on the same --output while one runs is
+refused (a lock on <output>.lock, released by the system when the first exits). Embeddings are
+written in shards to <output>.shards/ as they are computed; after an interruption, run the same
+command again and the finished shards are reused (checked against their ids, the model
+fingerprint and the preprocessing). Once the index is saved (atomically) the shards are removed.
+The manifest records the model fingerprint and the query preprocessing (resize side, crop,
+input size); `tfmir search` and `tfmir serve` refuse a model or resize side that differ.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ import os
 import shutil
 
 from absl import app, flags, logging
+
+from tfmir.files import LockedError, exclusive_lock
 
 _MODEL = flags.DEFINE_string(
     "model", None, "SavedModel directory from `tfmir export` (base or version directory) or a "
@@ -145,11 +151,12 @@ def _source_and_location(spec: str) -> tuple[str | None, str]:
     return source, location
 
 
-def make_index(kind: str, metric: str, dimension: int, fingerprint: str):
+def make_index(kind: str, metric: str, dimension: int, fingerprint: str, preprocessing: dict):
     from tfmir.index import ExactIndex, HammingIndex, ScannIndex
 
+    identity = {"model_fingerprint": fingerprint, "preprocessing": preprocessing}
     if kind == "hamming":
-        return HammingIndex(dimension=dimension, model_fingerprint=fingerprint)
+        return HammingIndex(dimension=dimension, **identity)
     if kind == "auto":
         try:
             import scann  # noqa: F401
@@ -157,19 +164,27 @@ def make_index(kind: str, metric: str, dimension: int, fingerprint: str):
         except ImportError:
             kind = "exact"
     index_class = ScannIndex if kind == "scann" else ExactIndex
-    return index_class(metric=metric, dimension=dimension, model_fingerprint=fingerprint)
+    return index_class(metric=metric, dimension=dimension, **identity)
 
 
 def build_index(model: str, specs, output: str) -> None:
     if _KIND.value == "hamming" and _METRIC.present:
         raise IndexCommandError("--metric does not apply to --kind=hamming: a hamming index "
                                 "always uses the Hamming distance.")
+    output = os.path.abspath(output)
+    try:
+        with exclusive_lock(output, "tfmir index"):
+            _build_index(model, specs, output)
+    except LockedError as error:
+        raise IndexCommandError(str(error)) from error
+
+
+def _build_index(model: str, specs, output: str) -> None:
     import numpy as np
 
     from tfmir.index import sign_codes
     from tfmir.index.embedding import embed_in_shards, load_embedding_function
 
-    output = os.path.abspath(output)
     if os.path.exists(output) and not os.path.isfile(os.path.join(output, "manifest.json")) \
             and (not os.path.isdir(output) or os.listdir(output)):
         raise IndexCommandError(f"--output={output} exists and is not an index directory; "
@@ -188,9 +203,11 @@ def build_index(model: str, specs, output: str) -> None:
           f"(fingerprint {embed.fingerprint[:16]}...)")
     shards = output + ".shards"
     vectors = embed_in_shards(embed, [examples for examples, _ in parts], shards,
-                              fingerprint=embed.fingerprint, shard_size=_SHARD_SIZE.value,
+                              fingerprint=embed.fingerprint, preprocessing=embed.preprocessing,
+                              shard_size=_SHARD_SIZE.value,
                               batch_size=_BATCH_SIZE.value)
-    index = make_index(_KIND.value, _METRIC.value, vectors.shape[1], embed.fingerprint)
+    index = make_index(_KIND.value, _METRIC.value, vectors.shape[1], embed.fingerprint,
+                       embed.preprocessing)
     if index.kind == "hamming":
         vectors = sign_codes(vectors)
     ids = np.concatenate([examples.ids for examples, _ in parts])

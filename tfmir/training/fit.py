@@ -16,6 +16,7 @@ through it too, so the multi-worker path cannot rot unnoticed.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -41,7 +42,7 @@ from tfmir.tasks import SAMPLERS, TASKS, build_task
 from tfmir.tasks.task import MODES
 from tfmir.training.evaluators import Evaluation, check_monitor, make_evaluator
 from tfmir.training.strategy import STRATEGIES, make_strategy
-from tfmir.files import write_atomic
+from tfmir.files import exclusive_lock, write_atomic
 
 BEST_MODEL = "best.keras"
 FINAL_MODEL = "final.keras"
@@ -284,7 +285,8 @@ def fit(config: Config, splits: Mapping[str, Examples | None], workdir: os.PathL
 
     Raises:
         ValueError: before anything is written, for an unknown task, sampler, optimizer,
-            evaluator or monitor, a split the task cannot train on, or a resume with other data.
+            evaluator or monitor, a split the task cannot train on, or a resume with other data;
+            `tfmir.files.LockedError` (a ValueError) while another run writes the workdir.
 
     Example:
 
@@ -328,14 +330,17 @@ def fit(config: Config, splits: Mapping[str, Examples | None], workdir: os.PathL
                                seed=config.seed + initial_epoch)
         record = {"config": config.to_dict(), "num_replicas": strategy.num_replicas_in_sync,
                   "data": {"train": data_digest(train), "val": data_digest(val)}}
-        _prepare_workdir(workdir, record, resuming=initial_epoch > 0, chief=chief)
-        dataset = _replica_datasets(strategy, train, sampler, task, config)
-        best_path = _run(task, deployable, dataset, strategy, config, evaluators, train, val,
-                         workdir, backup_dir, initial_epoch, chief=chief, callbacks=callbacks,
-                         verbose=verbose)
-        final_path = workdir / FINAL_MODEL
-        if chief:
-            deployable.save(str(final_path))
+        # One writer per workdir: a second run on it is refused before it writes anything.
+        with (exclusive_lock(workdir / "run", "training run") if chief
+              else contextlib.nullcontext()):
+            _prepare_workdir(workdir, record, resuming=initial_epoch > 0, chief=chief)
+            dataset = _replica_datasets(strategy, train, sampler, task, config)
+            best_path = _run(task, deployable, dataset, strategy, config, evaluators, train, val,
+                             workdir, backup_dir, initial_epoch, chief=chief,
+                             callbacks=callbacks, verbose=verbose)
+            final_path = workdir / FINAL_MODEL
+            if chief:
+                deployable.save(str(final_path))
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
     return TrainingResult(model=deployable, task=task, history=read_log(workdir / LOG_FILE),
