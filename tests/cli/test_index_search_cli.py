@@ -132,6 +132,30 @@ def test_search_refuses_bad_input(built_index, models, folder, tmp_path):
     assert result.returncode != 0 and "is not a directory" in result.stderr
 
 
+def test_search_refuses_queries_preprocessed_otherwise_than_the_index(models, folder, tmp_path):
+    # Issue 11, finding 1: an index built from the checkpoint with another resize side was
+    # searched through the export (resize 36) and indexed images no longer found themselves.
+    checkpoint, export, _ = models["main"]
+    output = tmp_path / "resized"
+    result = tfmir("index", f"--model={checkpoint}", "--resize_size=72", f"--data=skin={folder}",
+                   f"--output={output}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = json.loads((output / "manifest.json").read_text())
+    assert manifest["preprocessing"]["resize_size"] == 72
+    assert manifest["preprocessing"]["image_size"] == 32
+    query = sorted((folder / "first").iterdir())[0]
+    refused = tfmir("search", f"--index={output}", f"--model={export}", query)
+    assert refused.returncode != 0
+    assert "Index query preprocessing mismatch" in refused.stderr
+    assert "'resize_size': 72" in refused.stderr and "'resize_size': 36" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    # The same checkpoint with the same resize side finds the query itself.
+    found = tfmir("search", f"--index={output}", f"--model={checkpoint}", "--resize_size=72",
+                  "--k=1", query)
+    assert found.returncode == 0, found.stderr[-3000:]
+    assert json.loads(found.stdout)[0]["results"][0]["id"] == f"first/{query.name}"
+
+
 def test_one_index_over_a_folder_on_disk_and_a_medmnist_file_in_memory(models, folder,
                                                                       shared_data_dir, tmp_path):
     _, export, fingerprint = models["main"]
@@ -185,9 +209,13 @@ def test_embedding_resumes_from_finished_shards(models, folder, tmp_path):
     uninterrupted = embed_in_shards(embed, [examples], tmp_path / "fresh.shards", **arguments)
     np.testing.assert_allclose(resumed, uninterrupted, atol=1e-5)
 
-    # Shards of another model are not reused.
+    # Shards of another model, or of another preprocessing, are not reused.
     calls.clear()
     embed_in_shards(counting, [examples], shards, **{**arguments, "fingerprint": "another"})
+    assert calls == [8, 8, 8, 6]
+    calls.clear()
+    embed_in_shards(counting, [examples], shards, **{**arguments, "fingerprint": "another",
+                                                      "preprocessing": {"resize_size": 72}})
     assert calls == [8, 8, 8, 6]
 
 

@@ -104,7 +104,7 @@ def search(queries) -> None:
         embed = load_embedding_function(_MODEL.value, resize_size=_RESIZE_SIZE.value)
     except ValueError as error:
         raise SearchError(str(error)) from error
-    index = load_index(_INDEX.value, embed.fingerprint)
+    index = load_index(_INDEX.value, embed.fingerprint, embed.preprocessing)
     if _K.value > len(index):
         raise SearchError(f"--k={_K.value} is larger than the index ({len(index)} items).")
     paths = [os.path.abspath(query) for query in queries]

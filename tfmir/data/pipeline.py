@@ -175,6 +175,21 @@ def _resize(images: tf.Tensor, size: int) -> tf.Tensor:
     return tf.cond(tf.reduce_max(shape[1:3]) <= size, plain, antialiased)
 
 
+def query_preprocessing(*, image_size: int, resize_size: int) -> dict:
+    """What `preprocess_image(training=False)` does to a query, as a record for an index manifest.
+
+    An index only answers queries embedded the way its items were: the same model (its
+    fingerprint) and the same preprocessing. Decoding (to RGB, with the header checks) is the
+    same in every reader; what a caller can change is recorded here.
+
+    Example:
+    >>> query_preprocessing(image_size=224, resize_size=256)["crop"]
+    'central'
+    """
+    return {"resize": "bilinear, antialiased when shrinking", "resize_size": int(resize_size),
+            "crop": "central", "image_size": int(image_size), "pixels": "RGB in [0, 255]"}
+
+
 def preprocess_image(image: tf.Tensor, *, training: bool, image_size: int = 224,
                      resize_size: int = 256, seed: tf.Tensor | None = None,
                      mask: tf.Tensor | None = None) -> tf.Tensor | tuple[tf.Tensor, tf.Tensor]:

@@ -7,7 +7,7 @@ checks, and saving and loading.
 
 Index directory (format version 1):
 
-    manifest.json   kind, metric, dimension, model_fingerprint, count, settings,
+    manifest.json   kind, metric, dimension, model_fingerprint, preprocessing, count, settings,
                     created_at, and the sha256 of every other file (written last)
     table.jsonl     one JSON object per row: {"id", "label", "source", "path"};
                     row order is vector order
@@ -19,8 +19,9 @@ Index directory (format version 1):
 everything and renames the directory into place (`tfmir.files.atomic_directory`),
 so a crash never leaves a directory that loads as a valid index. `load` refuses a
 directory without a manifest, a file whose sha256 differs from the manifest, an
-unknown format version, and an index whose dimension, metric or model fingerprint
-differs from the expected one (the last with `FingerprintMismatchError`).
+unknown format version, and an index whose dimension, metric, model fingerprint or
+query preprocessing differs from the expected one (the last two with
+`FingerprintMismatchError`).
 """
 
 import datetime
@@ -30,6 +31,7 @@ import numbers
 import pathlib
 
 import numpy as np
+from absl import logging
 
 import tfmir
 from tfmir.files import ASIDE_MARKER, TEMPORARY_MARKER, atomic_directory
@@ -65,6 +67,9 @@ class Index:
         dimension: Length of every vector (number of bits for a Hamming index).
         model_fingerprint: Identifies the model that produced the vectors;
             `load` can refuse an index made by another model.
+        preprocessing: How the items were resized and cropped before that model
+            (`tfmir.data.query_preprocessing`); `load` can refuse queries
+            preprocessed another way.
         **settings: Searcher knobs, see the subclass; unknown names are refused.
 
     Example:
@@ -94,6 +99,7 @@ class Index:
         metric: str,
         dimension: int,
         model_fingerprint: str | None = None,
+        preprocessing: dict | None = None,
         **settings,
     ):
         if metric not in self.metrics:
@@ -110,6 +116,11 @@ class Index:
                 "model_fingerprint must be a string or None. "
                 f"Received: model_fingerprint={model_fingerprint!r}"
             )
+        if preprocessing is not None and not isinstance(preprocessing, dict):
+            raise ValueError(
+                "preprocessing must be a dict or None. "
+                f"Received: preprocessing={preprocessing!r}"
+            )
         unknown = sorted(set(settings) - set(self.default_settings))
         if unknown:
             raise ValueError(
@@ -119,6 +130,7 @@ class Index:
         self.metric = metric
         self.dimension = int(dimension)
         self.model_fingerprint = model_fingerprint
+        self.preprocessing = preprocessing
         self.settings = {**self.default_settings, **settings}
         self._validate_settings()
         self._data = None
@@ -339,6 +351,7 @@ class Index:
         expected_dimension: int | None = None,
         expected_metric: str | None = None,
         expected_model_fingerprint: str | None = None,
+        expected_preprocessing: dict | None = None,
     ) -> "Index":
         """Loads an index directory written by `save`; dispatches on the manifest kind.
 
@@ -351,13 +364,17 @@ class Index:
             expected_metric: Refuse an index with another metric.
             expected_model_fingerprint: Refuse an index made by another model
                 (or one without a fingerprint).
+            expected_preprocessing: Refuse an index whose items were preprocessed
+                otherwise (an index that records none, built from vectors, is
+                accepted with a warning).
 
         Returns:
             An `ExactIndex`, `ScannIndex` or `HammingIndex`.
 
         Raises:
             FingerprintMismatchError: (a ValueError) the index was made by
-                another model than `expected_model_fingerprint` (both named).
+                another model than `expected_model_fingerprint`, or with another
+                preprocessing than `expected_preprocessing` (both named).
             ValueError: on a missing directory or manifest (e.g. a half-written
                 index), a leftover directory of an interrupted save, an unknown
                 format version or kind, a missing or modified file, or another
@@ -409,6 +426,17 @@ class Index:
             expected_model_fingerprint,
             error=FingerprintMismatchError,
         )
+        if expected_preprocessing is not None and manifest.get("preprocessing") is None:
+            logging.warning(
+                "%s records no query preprocessing, so the queries' (%s) cannot be checked "
+                "against its items'.", directory, expected_preprocessing)
+        else:
+            _check_expected(
+                "query preprocessing",
+                manifest.get("preprocessing"),
+                expected_preprocessing,
+                error=FingerprintMismatchError,
+            )
         _verify_files(directory, manifest, required=(TABLE_FILE, index_class.data_file))
 
         settings = manifest.get("settings") or {}
@@ -416,6 +444,7 @@ class Index:
             metric=manifest.get("metric"),
             dimension=manifest.get("dimension"),
             model_fingerprint=manifest.get("model_fingerprint"),
+            preprocessing=manifest.get("preprocessing"),
             **settings,
         )
         count = manifest.get("count")
@@ -549,6 +578,7 @@ class Index:
             "metric": self.metric,
             "dimension": self.dimension,
             "model_fingerprint": self.model_fingerprint,
+            "preprocessing": self.preprocessing,
             "count": len(self),
             "settings": self.settings,
             "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(

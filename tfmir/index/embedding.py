@@ -2,7 +2,9 @@
 
 `load_embedding_function` accepts a SavedModel written by `tfmir export` (its base directory or
 a version directory) or a `.keras` checkpoint written by `tfmir train`, and returns an
-`EmbeddingFunction`: a callable from `Examples` to float32 embeddings plus the model's fingerprint.
+`EmbeddingFunction`: a callable from `Examples` to float32 embeddings plus the model's fingerprint
+and its query preprocessing (`tfmir.data.query_preprocessing`), both recorded in an index's
+manifest and checked when it is searched.
 
 - SavedModel: images on disk go through `serving_default` as file bytes (the same path as TF
   Serving and `tfmir serve`: header checks, decode, resize, centre crop inside the graph); files
@@ -14,15 +16,15 @@ a version directory) or a `.keras` checkpoint written by `tfmir train`, and retu
 
 `embed_in_shards` embeds rows in shards of `shard_size`, each written atomically as
 `<directory>/shard-00000.npz` (its embeddings and its rows' ids) next to a `manifest.json` that
-records the model fingerprint, the shard size and the row count. Run again after an interruption
+records the model fingerprint, the query preprocessing, the shard size and the row count. Run again after an interruption
 and the shards whose ids still match (under the same fingerprint and shard size) are reused.
 
 Example:
 
 ```python
 embed = load_embedding_function("exported/tfmir")
-vectors = embed_in_shards(embed, [examples], "archive_index.shards",
-                          fingerprint=embed.fingerprint, shard_size=4096)
+vectors = embed_in_shards(embed, [examples], "archive_index.shards", fingerprint=embed.fingerprint,
+                          preprocessing=embed.preprocessing, shard_size=4096)
 ```
 """
 
@@ -53,13 +55,17 @@ class EmbeddingFunction:
     Args:
         embed: function from `Examples` to float32 (N, D) embeddings in order.
         fingerprint: the model's fingerprint (as recorded in an index manifest).
+        preprocessing: how a query is resized and cropped before the model
+            (`tfmir.data.query_preprocessing`), recorded in an index manifest beside the
+            fingerprint.
         description: what was loaded, for messages.
     """
 
     def __init__(self, embed: Callable[[Examples], np.ndarray], *, fingerprint: str,
-                 description: str):
+                 preprocessing: dict, description: str):
         self.embed = embed
         self.fingerprint = fingerprint
+        self.preprocessing = preprocessing
         self.description = description
 
     def __call__(self, examples: Examples) -> np.ndarray:
@@ -124,8 +130,12 @@ def _saved_model_function(path: str) -> EmbeddingFunction:
         encoded = tf.constant([_encoded_file(str(item)) for item in examples.paths])
         return functions["images"](images=encoded)["embedding"].numpy()
 
+    from tfmir.data import query_preprocessing
+
+    preprocessing = query_preprocessing(image_size=int(info["image_size"]),
+                                        resize_size=int(info["resize_size"]))
     return EmbeddingFunction(embed, fingerprint=str(info["model_fingerprint"]),
-                             description=f"SavedModel {directory}")
+                             preprocessing=preprocessing, description=f"SavedModel {directory}")
 
 
 def _checkpoint_function(path: str, resize_size: int | None,
@@ -149,7 +159,12 @@ def _checkpoint_function(path: str, resize_size: int | None,
     def embed(examples: Examples) -> np.ndarray:
         return embed_examples(model, examples, resize_size=resize_size, batch_size=batch_size)
 
+    from tfmir.data import query_preprocessing
+
+    image_size = getattr(model, "image_size", None) or int(model.inputs[0].shape[1])
+    preprocessing = query_preprocessing(image_size=image_size, resize_size=resize_size)
     return EmbeddingFunction(embed, fingerprint=model_fingerprint(model),
+                             preprocessing=preprocessing,
                              description=f"Keras checkpoint {path} (resize_size {resize_size})")
 
 
@@ -204,7 +219,8 @@ def _read_shard(path: str, expected_ids: np.ndarray) -> np.ndarray | None:
 
 
 def _prepare_directory(directory: str, manifest: dict) -> None:
-    """Keeps the shards of the same job; clears those of another model or shard size."""
+    """Keeps the shards of the same job; clears those of another model, preprocessing or shard
+    size."""
     path = os.path.join(directory, SHARD_MANIFEST_FILE)
     if os.path.isfile(path):
         try:
@@ -222,7 +238,8 @@ def _prepare_directory(directory: str, manifest: dict) -> None:
 
 
 def embed_in_shards(embed: Callable[[Examples], np.ndarray], parts: Sequence[Examples],
-                    directory: str | os.PathLike, *, fingerprint: str, shard_size: int = 4096,
+                    directory: str | os.PathLike, *, fingerprint: str,
+                    preprocessing: dict | None = None, shard_size: int = 4096,
                     batch_size: int = 256, progress: bool = True) -> np.ndarray:
     """Embeds the rows of `parts` (in order) shard by shard, reusing shards already on disk.
 
@@ -232,6 +249,8 @@ def embed_in_shards(embed: Callable[[Examples], np.ndarray], parts: Sequence[Exa
         parts: the items; their rows are numbered in order across the parts. Ids must be unique.
         directory: the shard folder (created; `<index>.shards` by convention).
         fingerprint: the model's fingerprint; shards of another model are discarded.
+        preprocessing: the query preprocessing (`EmbeddingFunction.preprocessing`); shards
+            embedded with another one are discarded too.
         shard_size: rows per shard file.
         batch_size: rows per `embed` call.
         progress: show a progress bar.
@@ -251,7 +270,8 @@ def embed_in_shards(embed: Callable[[Examples], np.ndarray], parts: Sequence[Exa
     directory = os.fspath(directory)
     ids_digest = _digest(ids)
     _prepare_directory(directory, {"format_version": SHARD_FORMAT_VERSION,
-                                   "model_fingerprint": fingerprint, "shard_size": int(shard_size),
+                                   "model_fingerprint": fingerprint, "preprocessing": preprocessing,
+                                   "shard_size": int(shard_size),
                                    "count": int(len(ids)), "ids_sha256": ids_digest})
     starts = np.cumsum([0] + [len(part) for part in parts])
 

@@ -162,10 +162,12 @@ class ExactIndex(Index):
         metric: str = "cosine",
         dimension: int,
         model_fingerprint: str | None = None,
+        preprocessing: dict | None = None,
         **settings,
     ):
         super().__init__(
-            metric=metric, dimension=dimension, model_fingerprint=model_fingerprint, **settings
+            metric=metric, dimension=dimension, model_fingerprint=model_fingerprint,
+            preprocessing=preprocessing, **settings,
         )
 
     def _validate_settings(self):

@@ -190,10 +190,12 @@ class HammingIndex(Index):
         metric: str = "hamming",
         dimension: int,
         model_fingerprint: str | None = None,
+        preprocessing: dict | None = None,
         **settings,
     ):
         super().__init__(
-            metric=metric, dimension=dimension, model_fingerprint=model_fingerprint, **settings
+            metric=metric, dimension=dimension, model_fingerprint=model_fingerprint,
+            preprocessing=preprocessing, **settings,
         )
 
     @property

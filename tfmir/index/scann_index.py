@@ -118,12 +118,14 @@ class ScannIndex(Index):
         metric: str = "cosine",
         dimension: int,
         model_fingerprint: str | None = None,
+        preprocessing: dict | None = None,
         **settings,
     ):
         self._searcher = None
         self._plan = None
         super().__init__(
-            metric=metric, dimension=dimension, model_fingerprint=model_fingerprint, **settings
+            metric=metric, dimension=dimension, model_fingerprint=model_fingerprint,
+            preprocessing=preprocessing, **settings,
         )
 
     @property

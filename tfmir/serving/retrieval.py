@@ -9,7 +9,7 @@
 Example:
 
 ```python
-index = load_index("indexes/skin", fingerprint=embed.fingerprint)
+index = load_index("indexes/skin", embed.fingerprint, embed.preprocessing)
 results = search_sources(index, embeddings, k=8, source="skin")
 labels = predicted_labels(results)
 ```
@@ -24,26 +24,32 @@ class SearchError(ValueError):
     """A query or an index the search cannot answer, with a message that says why."""
 
 
-def load_index(directory: str, fingerprint: str | None = None):
-    """Loads an index directory, checking the model fingerprint when one is given.
+def load_index(directory: str, fingerprint: str | None = None,
+               preprocessing: dict | None = None):
+    """Loads an index directory, checking the model fingerprint and the query preprocessing.
 
     Args:
         directory: an index directory written by `tfmir index` (or `Index.save`).
         fingerprint: the fingerprint of the model that embeds the queries; None skips the check.
+        preprocessing: how the queries are resized and cropped (`EmbeddingFunction
+            .preprocessing`); None skips the check.
 
     Returns:
         The loaded `tfmir.index.Index`.
 
     Raises:
-        SearchError: the directory is not a valid index, or it was built by another model.
+        SearchError: the directory is not a valid index, or it was built by another model or
+            with another preprocessing.
     """
     from tfmir.index import FingerprintMismatchError, Index
 
     try:
-        return Index.load(directory, expected_model_fingerprint=fingerprint)
+        return Index.load(directory, expected_model_fingerprint=fingerprint,
+                          expected_preprocessing=preprocessing)
     except FingerprintMismatchError as error:
-        raise SearchError(f"the model does not match the index: {error} Use the model that "
-                          "built the index, or rebuild it with `tfmir index`.") from error
+        raise SearchError(f"the model does not match the index: {error} Use the model and "
+                          "resize side that built the index, or rebuild it with `tfmir index`."
+                          ) from error
     except ValueError as error:
         raise SearchError(f"cannot load the index {directory}: {error}") from error
 

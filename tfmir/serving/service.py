@@ -108,18 +108,18 @@ class SearchService:
                     raise SearchError("a model is needed: give the model that built the index "
                                       "(--model), or a TF Serving URL (--tf_serving_url).")
                 embed = LocalBackend(model, resize_size=resize_size)
-                fingerprint = embed.fingerprint
+                fingerprint, preprocessing = embed.fingerprint, embed.preprocessing
             else:
                 embed = TFServingBackend(tf_serving_url)
-                fingerprint = None
+                fingerprint = preprocessing = None
                 if model is not None:  # for its fingerprint (a SavedModel is not even loaded)
-                    fingerprint = load_embedding_function(model,
-                                                          resize_size=resize_size).fingerprint
+                    function = load_embedding_function(model, resize_size=resize_size)
+                    fingerprint, preprocessing = function.fingerprint, function.preprocessing
         except SearchError:
             raise
         except ValueError as error:
             raise SearchError(str(error)) from error
-        index = load_index(index_directory, fingerprint)
+        index = load_index(index_directory, fingerprint, preprocessing)
         if fingerprint is None:
             logging.warning(
                 "The model behind %s cannot be checked against the index: TF Serving does not "
