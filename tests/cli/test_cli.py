@@ -72,7 +72,7 @@ def test_train_refuses_a_missing_dataset_by_name(tmp_path):
     (["--config=ynet"], "config must be one of ['specialist', 'universal']"),
     (["--config.optimizer.lr=1"], "unknown config key 'optimizer.lr'; valid keys here are "
                                   "['optimizer.name', 'optimizer.learning_rate'"),
-    (["--config.epochs=many"], "config key 'epochs' takes a int (default 8). Received: 'many'"),
+    (["--config.epochs=many"], "config key 'epochs' takes a int (default 6). Received: 'many'"),
     (["--config.monitor=val_dice"], "monitor 'val_dice' is produced by no evaluator"),
     (["--config.sampler.name=stratified"], "sampler must be one of ('class_balanced', "
                                            "'source_aware', 'shuffled')"),
@@ -132,17 +132,39 @@ def test_demo_smoke_prints_both_domains_and_writes_a_gallery(tmp_path):
     result = tfmir("demo", "--preset=tiny", "--epochs=1", "--steps_per_epoch=2",
                    f"--output_dir={tmp_path}")
     assert result.returncode == 0, result.stderr[-3000:]
-    for row in ("| retina | untrained |", "| retina | trained |", "| xray | untrained |",
-                "| xray | trained |"):
-        assert row in result.stdout
+    models = ("raw pixels", "untrained features", "trained")  # tiny: a random backbone
+    for source in ("retina", "xray", "average"):
+        for model in models:
+            assert f"| {source} | {model} |" in result.stdout
     assert (tmp_path / "gallery.png").stat().st_size > 0
     results = json.loads((tmp_path / "results.json").read_text())
-    assert set(results["test_recall"]) == {"untrained", "trained"}
+    assert set(results["test_recall"]) == set(models)
     recall = results["test_recall"]
-    for source in ("retina", "xray"):
-        gain = results["recall@1_gain"][source]
-        # The paired per-query difference is the difference of the two tables' Recall@1.
-        assert gain["difference"] == pytest.approx(
-            recall["trained"][source]["recall@1"] - recall["untrained"][source]["recall@1"])
-        assert gain["low"] <= gain["difference"] <= gain["high"] and gain["num_queries"] == 400
-        assert f"  {source}: {100 * gain['difference']:+.1f} points" in result.stdout
+    for baseline in models[:2]:
+        gains = results["recall@1_gain"][baseline]
+        assert f"Recall@1 gain of the trained model over {baseline}" in result.stdout
+        for source in ("retina", "xray"):
+            gain = gains[source]
+            # The paired per-query difference is the difference of the two tables' Recall@1.
+            assert gain["difference"] == pytest.approx(
+                recall["trained"][source]["recall@1"] - recall[baseline][source]["recall@1"])
+            assert gain["low"] <= gain["difference"] <= gain["high"]
+            assert gain["num_queries"] == 400
+            assert f"  {source}: {100 * gain['difference']:+.1f} points" in result.stdout
+        # The average over domains is the mean of the two domains' gains (equal weights).
+        average = gains["average"]
+        assert average["difference"] == pytest.approx(
+            (gains["retina"]["difference"] + gains["xray"]["difference"]) / 2)
+        assert (average["num_queries"], average["num_groups"]) == (800, 2)
+        unclear = [source for source in ("retina", "xray", "average") if gains[source]["low"] <= 0]
+        verdict = f"Not measurably better than {baseline} on: {', '.join(unclear)}"
+        assert (verdict in result.stdout) == bool(unclear)
+
+
+def test_the_demo_raw_pixel_embedding_is_the_flattened_input_at_unit_length():
+    from tfmir.cli.demo import raw_pixel_model
+
+    images = np.random.default_rng(0).uniform(0, 255, (3, 8, 8, 3)).astype("float32")
+    flat = images.reshape(3, -1)
+    expected = flat / np.sqrt((flat ** 2).sum(axis=1, keepdims=True))
+    np.testing.assert_allclose(np.asarray(raw_pixel_model(8)(images)), expected, rtol=1e-5)

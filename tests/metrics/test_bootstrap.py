@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from tfmir.metrics import paired_bootstrap
+from tfmir.metrics import bootstrap_mean, paired_bootstrap
 
 
 def test_identical_models_have_a_zero_width_interval_at_zero():
@@ -57,3 +57,52 @@ def test_bad_arguments_are_named():
         paired_bootstrap([1], [0], confidence=1.5)
     with pytest.raises(ValueError, match="num_resamples must be a positive integer"):
         paired_bootstrap([1], [0], num_resamples=0)
+
+
+def test_groups_average_the_group_means_unweighted():
+    # Group "a": 10 queries all gained (mean 1); group "b": 2 queries unchanged (mean 0). The
+    # unweighted mean over groups is 0.5 (pooled over queries it would be 10 / 12), and as each
+    # group's difference is constant every stratified resample gives exactly 0.5.
+    first = np.zeros(12)
+    second = np.r_[np.ones(10), np.zeros(2)]
+    groups = np.array(["a"] * 10 + ["b"] * 2)
+    result = paired_bootstrap(first, second, groups=groups, num_resamples=300)
+    assert (result["difference"], result["low"], result["high"]) == (0.5, 0.5, 0.5)
+    assert (result["num_queries"], result["num_groups"]) == (12, 2)
+
+
+def test_grouped_interval_matches_the_normal_approximation():
+    # Two groups of 1500 queries with per-query differences of variance 0.36 (group a, as above:
+    # 30 % gained, 10 % lost) and 0.25 (group b: 50 % gained, 0 lost, mean 0.5). The average of
+    # the two group means has standard error sqrt(0.36 / 1500 + 0.25 / 1500) / 2.
+    rng = np.random.default_rng(5)
+    first = np.zeros(3000)
+    second = np.zeros(3000)
+    order = rng.permutation(1500)
+    second[order[:450]] = 1
+    first[order[450:600]] = 1
+    second[1500 + rng.permutation(1500)[:750]] = 1
+    groups = np.repeat([0, 1], 1500)
+    result = paired_bootstrap(first, second, groups=groups, num_resamples=4000, seed=2)
+    half_width = 1.96 * np.sqrt(0.36 / 1500 + 0.25 / 1500) / 2
+    assert result["difference"] == pytest.approx((0.2 + 0.5) / 2)
+    assert result["low"] == pytest.approx(0.35 - half_width, abs=0.003)
+    assert result["high"] == pytest.approx(0.35 + half_width, abs=0.003)
+
+
+def test_groups_of_the_wrong_shape_are_refused():
+    with pytest.raises(ValueError, match=r"one group per query. Received shape \(2,\) for 3"):
+        paired_bootstrap([1, 0, 1], [1, 1, 1], groups=["a", "b"])
+
+
+def test_bootstrap_mean_matches_the_normal_approximation():
+    # 1000 outcomes, 400 right: mean 0.4, standard error sqrt(0.4 * 0.6 / 1000).
+    values = np.zeros(1000)
+    values[np.random.default_rng(1).permutation(1000)[:400]] = 1
+    result = bootstrap_mean(values, num_resamples=4000, seed=3)
+    half_width = 1.96 * np.sqrt(0.4 * 0.6 / 1000)
+    assert result["mean"] == pytest.approx(0.4)
+    assert result["low"] == pytest.approx(0.4 - half_width, abs=0.004)
+    assert result["high"] == pytest.approx(0.4 + half_width, abs=0.004)
+    with pytest.raises(ValueError, match=r"values must be a non-empty 1-D array.*\(2, 2\)"):
+        bootstrap_mean(np.zeros((2, 2)))

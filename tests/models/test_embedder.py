@@ -39,6 +39,40 @@ def test_keras_save_and_load_gives_the_same_outputs(tiny, tmp_path):
                                atol=1e-6)
 
 
+@pytest.mark.parametrize("freeze", [True, False])
+def test_freeze_batch_norm_keeps_statistics_and_scales_while_the_rest_trains(freeze, tmp_path):
+    keras.utils.set_random_seed(0)
+    model = Embedder(backbone="small_resnet", backbone_widths=[8, 16], image_size=32,
+                     freeze_batch_norm=freeze)
+    norms = [layer for layer in model._flatten_layers()
+             if isinstance(layer, keras.layers.BatchNormalization)]
+    assert norms
+    before = [[np.array(w) for w in layer.weights] for layer in norms]
+    kernel = model.get_layer("projection").kernel
+    kernel_before = np.array(kernel)
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    images = np.random.default_rng(0).uniform(0, 255, (8, 32, 32, 3)).astype("float32")
+    model.fit(images, np.random.default_rng(1).normal(size=(8, 128)), epochs=1, verbose=0)
+    after = [[np.array(w) for w in layer.weights] for layer in norms]
+    unchanged = all(np.array_equal(b, a) for bs, as_ in zip(before, after) for b, a in zip(bs, as_))
+    # Frozen: gamma, beta and the moving statistics are bit-identical after a training step;
+    # not frozen, the same step moves them.
+    assert unchanged == freeze
+    assert not np.array_equal(kernel_before, np.array(kernel))
+    # The option survives a save and load.
+    model.save(tmp_path / "model.keras")
+    restored = keras.saving.load_model(tmp_path / "model.keras")
+    assert restored.freeze_batch_norm == freeze
+    assert all(layer.trainable == (not freeze) for layer in restored._flatten_layers()
+               if isinstance(layer, keras.layers.BatchNormalization))
+
+
+def test_the_cpu_config_fine_tunes_imagenet_lite0_with_frozen_batch_norm():
+    model = get_config("specialist:cpu").task.model
+    assert (model["backbone"], model["weights"], model["freeze_batch_norm"]) == (
+        "efficientnet_lite0", "imagenet", True)
+
+
 def test_the_paper_config_is_paper_000s_setting():
     paper = get_config("specialist:paper")
     # Paper 000, Sec. IV-B: ResNet50, 128-d, 224 crops of 256, batch 130, Adam 1e-5.

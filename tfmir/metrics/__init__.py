@@ -1,5 +1,6 @@
 """Retrieval, classification and segmentation metrics."""
 
+from tfmir.metrics.bootstrap import bootstrap_mean
 from tfmir.metrics.bootstrap import paired_bootstrap
 from tfmir.metrics.classification import classification_metrics
 from tfmir.metrics.classification import knn_classification
@@ -13,6 +14,7 @@ from tfmir.metrics.segmentation import dice_score
 from tfmir.metrics.segmentation import iou_score
 
 __all__ = [
+    "bootstrap_mean",
     "classification_metrics",
     "dice_score",
     "iou_score",

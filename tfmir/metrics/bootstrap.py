@@ -1,7 +1,8 @@
-"""Paired bootstrap confidence interval of the difference between two models on the same queries.
+"""Bootstrap confidence intervals of a model's mean outcome and of two models' difference.
 
-Recall@1 on a few hundred queries moves by a few points from one seed to the next, so a gain is
-reported with the interval of the per-query difference, resampled over queries.
+Recall@1 on a few hundred queries moves by a few points from one seed to the next, so a score is
+reported with the interval of its per-query outcomes resampled over queries (`bootstrap_mean`), and
+a gain with the interval of the per-query difference (`paired_bootstrap`).
 """
 
 from __future__ import annotations
@@ -9,52 +10,99 @@ from __future__ import annotations
 import numpy as np
 
 
-def paired_bootstrap(first, second, *, num_resamples: int = 10_000, confidence: float = 0.95,
-                     seed: int = 0) -> dict:
-    """Mean of `second - first` over queries and its percentile bootstrap interval.
+def bootstrap_mean(values, *, groups=None, num_resamples: int = 10_000,
+                   confidence: float = 0.95, seed: int = 0) -> dict:
+    """Mean of per-query `values` and its percentile bootstrap interval.
 
-    The queries are resampled with replacement, the same resample for both models, so the
-    interval accounts for the two outcomes of one query being correlated.
+    With `groups` (e.g. each query's source) the statistic is the unweighted mean over groups of
+    each group's mean, as a multi-domain table averages its columns, and queries are resampled
+    within their group (a stratified bootstrap), so every resample keeps each group's size.
 
     Args:
-        first: per-query outcomes of the baseline, shape (Q,) (e.g. `recall_hits`, 0/1).
-        second: per-query outcomes of the other model on the same queries, shape (Q,).
+        values: per-query outcomes, shape (Q,) (e.g. `recall_hits`, 0/1).
+        groups: optional group of each query, shape (Q,).
         num_resamples: bootstrap resamples.
         confidence: coverage of the interval, in (0, 1).
         seed: seed of the resampling.
 
     Returns:
-        {"difference": mean(second - first), "low": ..., "high": ..., "confidence": ...,
-        "num_queries": Q}.
+        {"mean": ..., "low": ..., "high": ..., "confidence": ..., "num_queries": Q}, with
+        "num_groups" when `groups` is given.
 
     Example:
 
-    >>> paired_bootstrap([0, 0, 1, 1], [1, 1, 1, 1])["difference"]
+    >>> bootstrap_mean([1, 1, 0, 0], groups=["a", "a", "b", "b"])["mean"]
     0.5
 
     Reference:
         Efron and Tibshirani, "An Introduction to the Bootstrap", 1993, ch. 13 (percentile
         interval).
     """
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim != 1 or values.size == 0:
+        raise ValueError(f"values must be a non-empty 1-D array (one outcome per query). "
+                         f"Received shape {values.shape}")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1). Received: confidence={confidence!r}")
+    if int(num_resamples) != num_resamples or num_resamples < 1:
+        raise ValueError(f"num_resamples must be a positive integer. Received: {num_resamples!r}")
+    if groups is None:
+        members = [values]
+    else:
+        groups = np.asarray(groups)
+        if groups.shape != values.shape:
+            raise ValueError("groups must give one group per query. Received shape "
+                             f"{groups.shape} for {values.size} queries")
+        members = [values[groups == group] for group in np.unique(groups)]
+    rng = np.random.default_rng(seed)
+    means = np.zeros(int(num_resamples))
+    for group_values in members:
+        # Chunks keep the (resamples, queries) index array small for large query sets.
+        chunk = max(1, 2_000_000 // group_values.size)
+        for start in range(0, means.size, chunk):
+            rows = rng.integers(0, group_values.size,
+                                size=(min(chunk, means.size - start), group_values.size))
+            means[start:start + len(rows)] += group_values[rows].mean(axis=1) / len(members)
+    tail = 100 * (1 - confidence) / 2
+    low, high = np.percentile(means, [tail, 100 - tail])
+    result = {"mean": float(np.mean([group_values.mean() for group_values in members])),
+              "low": float(low), "high": float(high), "confidence": confidence,
+              "num_queries": int(values.size)}
+    if groups is not None:
+        result["num_groups"] = len(members)
+    return result
+
+
+def paired_bootstrap(first, second, *, groups=None, num_resamples: int = 10_000,
+                     confidence: float = 0.95, seed: int = 0) -> dict:
+    """Mean of `second - first` over queries and its percentile bootstrap interval.
+
+    The queries are resampled with replacement, the same resample for both models, so the
+    interval accounts for the two outcomes of one query being correlated. `groups` averages
+    per-group means with a stratified resample, as in `bootstrap_mean`.
+
+    Args:
+        first: per-query outcomes of the baseline, shape (Q,) (e.g. `recall_hits`, 0/1).
+        second: per-query outcomes of the other model on the same queries, shape (Q,).
+        groups: optional group of each query, shape (Q,).
+        num_resamples: bootstrap resamples.
+        confidence: coverage of the interval, in (0, 1).
+        seed: seed of the resampling.
+
+    Returns:
+        {"difference": mean(second - first), "low": ..., "high": ..., "confidence": ...,
+        "num_queries": Q}, with "num_groups" when `groups` is given.
+
+    Example:
+
+    >>> paired_bootstrap([0, 0, 1, 1], [1, 1, 1, 1])["difference"]
+    0.5
+    """
     first = np.asarray(first, dtype=np.float64)
     second = np.asarray(second, dtype=np.float64)
     if first.ndim != 1 or first.shape != second.shape or first.size == 0:
         raise ValueError("first and second must be non-empty 1-D arrays of the same length (one "
                          f"outcome per query). Received shapes {first.shape} and {second.shape}")
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence must be in (0, 1). Received: confidence={confidence!r}")
-    if int(num_resamples) != num_resamples or num_resamples < 1:
-        raise ValueError(f"num_resamples must be a positive integer. Received: {num_resamples!r}")
-    differences = second - first
-    rng = np.random.default_rng(seed)
-    means = np.empty(int(num_resamples))
-    # Chunks keep the (resamples, queries) index array small for large query sets.
-    chunk = max(1, 2_000_000 // differences.size)
-    for start in range(0, means.size, chunk):
-        rows = rng.integers(0, differences.size, size=(min(chunk, means.size - start),
-                                                       differences.size))
-        means[start:start + len(rows)] = differences[rows].mean(axis=1)
-    tail = 100 * (1 - confidence) / 2
-    low, high = np.percentile(means, [tail, 100 - tail])
-    return {"difference": float(differences.mean()), "low": float(low), "high": float(high),
-            "confidence": confidence, "num_queries": int(differences.size)}
+    result = bootstrap_mean(second - first, groups=groups, num_resamples=num_resamples,
+                            confidence=confidence, seed=seed)
+    return {"difference": result.pop("mean"), **result}

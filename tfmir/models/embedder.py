@@ -21,6 +21,9 @@ class Embedder(keras.Model):
         image_size: height and width of the square input.
         weights: None, "imagenet" or a path to backbone weights.
         backbone_widths: stage widths for "small_resnet"; None otherwise.
+        freeze_batch_norm: keep the backbone's batch-norm layers in inference mode with their
+            (pretrained) statistics and scales fixed while the rest trains: the usual way to
+            fine-tune an ImageNet network on small batches from another domain.
         **kwargs: `keras.Model` arguments such as `name`.
 
     Example:
@@ -34,13 +37,19 @@ class Embedder(keras.Model):
     """
 
     def __init__(self, backbone: str = "resnet50", embedding_dim: int = 128, image_size: int = 224,
-                 weights: str | None = None, backbone_widths=None, **kwargs):
+                 weights: str | None = None, backbone_widths=None,
+                 freeze_batch_norm: bool = False, **kwargs):
         if int(embedding_dim) <= 0:
             raise ValueError(f"embedding_dim must be positive. Received: embedding_dim={embedding_dim!r}")
         if int(image_size) < 16:
             raise ValueError(f"image_size must be at least 16. Received: image_size={image_size!r}")
         backbone_model = backbones.build_backbone(backbone, int(image_size), weights=weights,
                                                   widths=backbone_widths)
+        if freeze_batch_norm:
+            for layer in backbone_model._flatten_layers(include_self=False):
+                if isinstance(layer, keras.layers.BatchNormalization):
+                    # A non-trainable BatchNormalization runs in inference mode (Keras 3).
+                    layer.trainable = False
 
         # === Functional Model ===
         images = keras.Input((image_size, image_size, 3), name="images")
@@ -56,6 +65,7 @@ class Embedder(keras.Model):
         self.image_size = int(image_size)
         self.weights_source = weights
         self.backbone_widths = tuple(backbone_widths) if backbone_widths else None
+        self.freeze_batch_norm = bool(freeze_batch_norm)
 
     def get_config(self) -> dict:
         return {
@@ -66,6 +76,7 @@ class Embedder(keras.Model):
             # A restored model gets its weights from the file, never from a download.
             "weights": None,
             "backbone_widths": list(self.backbone_widths) if self.backbone_widths else None,
+            "freeze_batch_norm": self.freeze_batch_norm,
         }
 
     @classmethod
