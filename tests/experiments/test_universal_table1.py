@@ -43,7 +43,19 @@ def test_smoke_run_writes_table_results_figures_and_resumes(tmp_path, shared_dat
                 value = results["test_recall"][method][source][f"recall@{k}"]
                 assert 0.0 <= value <= 1.0, (method, source, k, value)
     assert all(not results["runs"][run]["skipped"] for run in RUNS)
-    assert results["settings"]["preset"] == "tiny"
+    # Each average's interval is centred on the table's average Recall@1, and the distilled
+    # model's paired gain is the difference of two averages.
+    intervals = results["average_recall@1_intervals"]
+    for method in METHODS:
+        average = results["test_recall"][method]["average"]["recall@1"]
+        assert intervals[method]["mean"] == pytest.approx(average)
+        assert intervals[method]["low"] <= average <= intervals[method]["high"]
+        if method != "universal":
+            gain = intervals["universal_minus"][method]
+            assert gain["difference"] == pytest.approx(
+                results["test_recall"]["universal"]["average"]["recall@1"] - average)
+            assert gain["low"] <= gain["difference"] <= gain["high"]
+    assert results["settings"]["config"] == "tiny"
     # Down-sampled then capped: no class above the smoke cap in any split.
     for source in SOURCES:
         for split in ("train", "val", "test"):
@@ -51,6 +63,7 @@ def test_smoke_run_writes_table_results_figures_and_resumes(tmp_path, shared_dat
             assert 0 < max(counts) <= results["data"]["smoke_per_class"]
     table = (workdir / "table.md").read_text()
     assert "| paper |" in table and "ours (tiny)" in table and "Dermnet" in table
+    assert "| Ours (RKD distillation) | " in table.split("Ours minus method")[1]
     assert "--smoke" in (workdir / "flags.txt").read_text()
     for name in FIGURES:
         with Image.open(workdir / name) as image:
