@@ -1,9 +1,13 @@
-"""Throughput of tfmir's input pipeline against the model alone, and the effect of mixed_bfloat16.
+"""Throughput of tfmir's input pipeline and model, mixed_bfloat16, and the backbones compared.
 
-    python benchmarks/embed_throughput.py                    # cpu preset, the full run (~5 min, 2 cores)
-    python benchmarks/embed_throughput.py --recall=false     # throughput only
+    python benchmarks/embed_throughput.py                    # cpu preset, all (~30 min, 2 cores)
+    python benchmarks/embed_throughput.py --compare_backbones=false   # sections 1-3 (~5 min)
+    python benchmarks/embed_throughput.py --recall=false --compare_backbones=false  # 1-2 only
     python benchmarks/embed_throughput.py --preset=paper --recall=false --jit=false \
-        --num_images=256 --classes_per_batch=6 --train_steps=3 --repeats=3   # ResNet50 at 224
+        --compare_backbones=false --num_images=256 --classes_per_batch=6 --train_steps=3 \
+        --repeats=3                                          # ResNet50 at 224
+    python benchmarks/embed_throughput.py --embed=false --train=false --recall=false \
+        --output_json=backbones.json                         # section 4 only (~25 min, estimated)
 
 In one run, for every precision policy (float32, mixed_bfloat16):
 
@@ -19,6 +23,22 @@ In one run, for every precision policy (float32, mixed_bfloat16):
 3. Recall@1 (--recall): `train_embedder` on the data with --recall_preset, float32 and
    mixed_bfloat16 from the same seed, then per-source test Recall@1 of the final model via
    `evaluate_retrieval`.
+4. Backbones (--compare_backbones): for every backbone of --backbones at every side of
+   --backbone_sizes (96 px is the cpu preset's input, 224 px the paper's), the
+   `Embedder(backbone, image_size=size, weights=None)` (backbone -> Dense(128) -> L2) alone:
+   embedding images/s on one in-memory batch of --backbone_batch_size images (the traced
+   function of 1.), and train steps/s of its compiled Multi-Similarity train step on one
+   in-memory c x k batch (the in-memory feed of 2., jit_compile off). Images are the data's,
+   resized to the side without cropping. Every timed run lasts about --backbone_run_seconds: one
+   timed batch (step), after untimed warm-up calls, sets how many batches (steps) a run has.
+   The runs of one (backbone, size), embedding and training in both precisions, are
+   interleaved; the (backbone, size) pairs are measured one after another, each with new models
+   (`compare_backbones` says why). One Markdown row per (backbone, size) gives both precisions
+   and mixed_bfloat16 / float32. Estimated, not measured: about 25 min on 2 cores with bf16
+   instructions (RESULTS.md's machine) for the default 5 backbones x 2 sizes, most of it
+   ResNet50 and the traces of the train steps. Where the CPU has none (AVX2 only), bf16 is
+   emulated: small_resnet's mixed_bfloat16 train step took 9x its float32 time in a smoke run,
+   so the run lasts far longer; --precisions=float32 leaves mixed_bfloat16 out.
 
 Models are built with random weights (`weights=None`): speed does not depend on them, and the
 paper preset then needs no download. Every figure is the median of --repeats timed runs
@@ -28,7 +48,8 @@ took during each run is measured (from /proc/stat), a run during which they used
 marked "(disturbed)". Embedding runs of all variants, and training runs of one precision, are
 interleaved. Reads the shipped MedMNIST
 sample, or --data (the `tfmir train --data` specs). Prints the tables; --output_json gets every
-figure, including each run.
+figure, including each run. --embed, --train, --recall and --compare_backbones turn sections
+1-4 on and off.
 """
 
 from __future__ import annotations
@@ -53,6 +74,7 @@ from tfmir.data import ClassBalancedSampler, make_dataset  # noqa: E402
 from tfmir.losses import MultiSimilarity  # noqa: E402
 from tfmir.configs import get_config  # noqa: E402
 from tfmir.models import Embedder  # noqa: E402
+from tfmir.models.backbones import BACKBONES  # noqa: E402
 from tfmir.training import evaluate_retrieval, train_embedder  # noqa: E402
 
 PRESET_DEFAULTS = {
@@ -83,6 +105,8 @@ _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs per figure (the median
 _PRECISIONS = flags.DEFINE_list("precisions", list(PRECISIONS), "Keras dtype policies to compare.")
 _JIT = flags.DEFINE_bool("jit", True, "Also time the train step with "
                          "`model.compile(jit_compile=True)` (on one in-memory batch).")
+_EMBED = flags.DEFINE_bool("embed", True, "Measure embedding throughput, make_dataset → model "
+                           "against the model alone (section 1).")
 _TRAIN = flags.DEFINE_bool("train", True, "Measure training throughput.")
 _RECALL = flags.DEFINE_bool("recall", True, "Train twice (float32, mixed_bfloat16) and compare "
                             "test Recall@1 (takes minutes).")
@@ -93,6 +117,21 @@ _RECALL_STEPS = flags.DEFINE_integer("recall_steps_per_epoch", 100,
                                      "Steps per epoch of each Recall@1 training.")
 _RECALL_SEEDS = flags.DEFINE_list("recall_seeds", ["0"], "Seeds of the Recall@1 trainings; "
                                   "each seed trains every precision.")
+_COMPARE_BACKBONES = flags.DEFINE_bool(
+    "compare_backbones", True, "Compare the embedding and training speed of --backbones at "
+    "--backbone_sizes, model alone on in-memory batches (takes about 25 minutes).")
+_BACKBONES = flags.DEFINE_list(
+    "backbones", ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2",
+                  "efficientnet_b0", "resnet50"], f"Backbones compared, among {BACKBONES}.")
+flags.register_validator("backbones", lambda names: set(names) <= set(BACKBONES),
+                         f"--backbones must be among {BACKBONES}")
+_BACKBONE_SIZES = flags.DEFINE_list("backbone_sizes", ["96", "224"],
+                                    "Input sides (px) at which every backbone is compared.")
+_BACKBONE_BATCH_SIZE = flags.DEFINE_integer("backbone_batch_size", 64,
+                                            "Embedding batch size of the backbone comparison.")
+_BACKBONE_RUN_SECONDS = flags.DEFINE_float(
+    "backbone_run_seconds", 2.0, "About how long one timed run of the backbone comparison lasts "
+    "(at least one batch or step).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of weights, sampling and augmentation.")
 _OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Also write every figure here.")
 
@@ -141,6 +180,39 @@ def _embed_all(embed, batches):
         for element in batches:
             np.asarray(embed(element["image"]))
     return run
+
+
+def _training_dataset(train, *, image_size: int, resize_size: int, num_classes_per_batch: int,
+                      num_per_class: int, seed: int):
+    """The sampler-driven training pipeline of `train_embedder`, as (images, labels) batches."""
+    sampler = ClassBalancedSampler(train.labels, num_classes_per_batch=num_classes_per_batch,
+                                   num_per_class=num_per_class, seed=seed)
+    dataset = make_dataset(train, training=True, sampler=sampler, image_size=image_size,
+                           resize_size=resize_size, seed=seed)
+    # The Embedder compiled with a MultiSimilarity loss trains on (images, labels) pairs.
+    return dataset.map(lambda inputs, targets: (inputs["image"], targets["label"]))
+
+
+def _train_steps(train_step, iterator, steps: int):
+    """A run of `steps` calls of a model's compiled train function on one live iterator."""
+    def run():
+        for _ in range(steps):
+            logs = train_step(iterator)
+        float(logs["loss"])  # waits for the last step
+    return run
+
+
+def _sized_run(make_run, seconds: float):
+    """`make_run(count)` with the count of units (batches, steps) that lasts about `seconds`.
+
+    The count comes from one timed `make_run(1)`, after an untimed one (warm-up). Returns the
+    run and the count.
+    """
+    once = make_run(1)
+    once()
+    timing, _ = measure.timed(once)
+    count = max(1, round(seconds / timing.seconds))
+    return make_run(count), count
 
 
 def measure_embedding(examples, *, preset: str, precisions, batch_size: int, image_size: int,
@@ -196,12 +268,9 @@ def measure_training(train, *, preset: str, precisions, jit: bool, steps: int, r
     configurations differed by up to 15 % here.
     """
     def training_dataset():
-        sampler = ClassBalancedSampler(train.labels, num_classes_per_batch=num_classes_per_batch,
-                                       num_per_class=num_per_class, seed=seed)
-        dataset = make_dataset(train, training=True, sampler=sampler, image_size=image_size,
-                               resize_size=resize_size, seed=seed)
-        # The Embedder compiled with a MultiSimilarity loss trains on (images, labels) pairs.
-        return dataset.map(lambda inputs, targets: (inputs["image"], targets["label"]))
+        return _training_dataset(train, image_size=image_size, resize_size=resize_size,
+                                 num_classes_per_batch=num_classes_per_batch,
+                                 num_per_class=num_per_class, seed=seed)
 
     first_batch = next(iter(training_dataset()))
     configs = [(False, "in_memory"), (False, "pipeline")] + ([(True, "in_memory")] if jit else [])
@@ -220,13 +289,7 @@ def measure_training(train, *, preset: str, precisions, jit: bool, steps: int, r
                                   loss=MultiSimilarity(), jit_compile=jit_compile)
                     first_epochs[key], _ = measure.timed(lambda: model.fit(
                         dataset, epochs=1, steps_per_epoch=steps, verbose=0, shuffle=False))
-                train_step, iterator = model.make_train_function(), iter(dataset)
-
-                def run(train_step=train_step, iterator=iterator):
-                    for _ in range(steps):
-                        logs = train_step(iterator)
-                    float(logs["loss"])  # waits for the last step
-
+                run = _train_steps(model.make_train_function(), iter(dataset), steps)
                 run()  # warm-up: the iterator's first batches
                 runs[key] = run
             except Exception as error:  # noqa: BLE001 - e.g. XLA failing: report it, go on
@@ -290,6 +353,76 @@ def measure_recall(splits, *, preset: str, precisions, seeds, epochs: int, steps
     return runs
 
 
+def compare_backbones(train, *, backbones, sizes, precisions, batch_size: int,
+                      run_seconds: float, repeats: int, num_classes_per_batch: int,
+                      num_per_class: int, learning_rate: float, seed: int) -> list:
+    """Embedding images/s and train steps/s of every (backbone, size, precision), in memory.
+
+    Per size, one batch of `batch_size` images of `train` and one c x k training batch (the
+    sampler-driven pipeline's first) are kept in memory, resized to the side without cropping.
+    Per (backbone, size) and precision, one `Embedder(backbone, image_size=size, weights=None)`
+    embeds the batch repeatedly through `_embed_function`, as the model-alone figure of
+    `measure_embedding`, and another, compiled as `train_embedder` does, runs its compiled train
+    step on the training batch repeated, as the in-memory feed of `measure_training`. The first
+    call (tracing; for training one `fit` step) is untimed and reported.
+
+    The runs of one (backbone, size), embedding and training in every precision, are timed
+    round robin, after all of its models are built and warmed up: a model's first step after
+    another model was built took 3.3 s here against 1.0 s (TF caches oneDNN primitives per
+    thread). Interleaving all pairs at once would keep 40 models alive, whose primitives could
+    overflow those caches (1024 per thread and data type). One row per (backbone, size).
+    """
+    rows = []
+    for size in sizes:
+        images = next(iter(make_dataset(
+            _cycled(train, batch_size), training=False, batch_size=batch_size, image_size=size,
+            resize_size=size, fields=("image",))))
+        training_batches = tf.data.Dataset.from_tensors(next(iter(_training_dataset(
+            train, image_size=size, resize_size=size, num_classes_per_batch=num_classes_per_batch,
+            num_per_class=num_per_class, seed=seed)))).repeat()
+        for backbone in backbones:
+            make_runs, first_calls = {}, {}
+            for precision in precisions:
+                keras.utils.set_random_seed(seed)
+                with _policy(precision):
+                    embed = _embed_function(
+                        Embedder(backbone=backbone, image_size=size, weights=None))
+                    first_calls["embed", precision], _ = measure.timed(
+                        _embed_all(embed, [images]))
+                    model = Embedder(backbone=backbone, image_size=size, weights=None)
+                    model.compile(optimizer=keras.optimizers.Adam(learning_rate),
+                                  loss=MultiSimilarity())
+                    first_calls["train", precision], _ = measure.timed(lambda: model.fit(
+                        training_batches, epochs=1, steps_per_epoch=1, verbose=0, shuffle=False))
+                train_step, iterator = model.make_train_function(), iter(training_batches)
+                make_runs["embed", precision] = (
+                    lambda count, embed=embed: _embed_all(embed, [images] * count))
+                make_runs["train", precision] = (
+                    lambda count, train_step=train_step, iterator=iterator:
+                    _train_steps(train_step, iterator, count))
+            runs, counts = {}, {}
+            for key, make_run in make_runs.items():
+                runs[key], counts[key] = _sized_run(make_run, run_seconds)
+            row = {"backbone": backbone, "image_size": size, "embed": {}, "train": {}}
+            for key, timings in measure.round_robin(runs, repeats).items():
+                section, precision = key
+                work, unit, per_run = ((batch_size, "images/s", "batches_per_run")
+                                       if section == "embed" else (1, "steps/s", "steps_per_run"))
+                row[section][precision] = {
+                    **measure.summary(timings, counts[key] * work, unit, repeats),
+                    per_run: counts[key], "first_call_seconds": first_calls[key].seconds}
+            rows.append(row)
+            figures = [f"{section} {precision} {figure['median']:.2f} {figure['unit']}"
+                       for section in ("embed", "train")
+                       for precision, figure in row[section].items()]
+            print(f"  {backbone} {size} px: " + ", ".join(figures)
+                  + f" ({measure.load_average()})", flush=True)
+            make_runs.clear()
+            runs.clear()
+            keras.backend.clear_session()
+    return rows
+
+
 # --- Report -----------------------------------------------------------------------------------
 
 def _cell(figure: dict | None, digits: int = 1) -> str:
@@ -324,13 +457,15 @@ def throughput_table(results: dict, precisions) -> str:
     def same(figure, digits):
         return [_cell(figure, digits)] + ["(no model)"] * (len(precisions) - 1)
 
-    embedding = results["embedding"]
-    for key, name in (("model_only", "embed: model alone, batches in memory (images/s)"),
-                      ("pipeline_and_model", "embed: make_dataset → model (images/s)")):
-        figures = [embedding[p][key] for p in precisions]
-        row(name, [_cell(f) for f in figures], _ratio(figures[-1], figures[0]))
-    row("**embed: pipeline overhead**", [_percent(embedding[p]["overhead"]) for p in precisions])
-    row("embed: make_dataset alone (images/s)", same(embedding["pipeline_only"], 0))
+    embedding = results.get("embedding")
+    if embedding:
+        for key, name in (("model_only", "embed: model alone, batches in memory (images/s)"),
+                          ("pipeline_and_model", "embed: make_dataset → model (images/s)")):
+            figures = [embedding[p][key] for p in precisions]
+            row(name, [_cell(f) for f in figures], _ratio(figures[-1], figures[0]))
+        row("**embed: pipeline overhead**",
+            [_percent(embedding[p]["overhead"]) for p in precisions])
+        row("embed: make_dataset alone (images/s)", same(embedding["pipeline_only"], 0))
     training = results.get("training")
     if training:
         plain = training["jit_compile=False"]
@@ -354,6 +489,23 @@ def throughput_table(results: dict, precisions) -> str:
                 [f"{plain[p]['in_memory'].get('warmup_epoch_seconds', float('nan')):.0f} → "
                  f"{figure.get('warmup_epoch_seconds', float('nan')):.0f}"
                  for figure, p in zip(figures, precisions)])
+    return "\n".join(lines)
+
+
+def backbone_table(rows, precisions) -> str:
+    """Markdown: one row per (backbone, size); embed images/s and train steps/s per precision."""
+    reference, other = precisions[0], (precisions[1] if len(precisions) > 1 else None)
+    speedup = [f"{other} / {reference}"] if other else []
+    columns = (["backbone", "size (px)"] + [f"embed {p} (images/s)" for p in precisions] + speedup
+               + [f"train {p} (steps/s)" for p in precisions] + speedup)
+    lines = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
+    for row in rows:
+        cells = [row["backbone"], str(row["image_size"])]
+        for measurement, digits in (("embed", 1), ("train", 2)):
+            figures = [row[measurement][p] for p in precisions]
+            cells += [_cell(figure, digits) for figure in figures]
+            cells += [_ratio(figures[1], figures[0])] if other else []
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -400,24 +552,31 @@ def main(argv) -> None:
           f"{num_classes_per_batch}x{num_per_class}, {train_steps} steps per timed epoch; "
           f"median of {repeats} runs", flush=True)
 
+    backbones, backbone_sizes = _BACKBONES.value, [int(size) for size in _BACKBONE_SIZES.value]
     results = {"environment": env, "preset": preset, "flags": {
         "num_images": num_images, "batch_size": batch_size, "train_steps": train_steps,
         "classes_per_batch": num_classes_per_batch, "per_class": num_per_class,
         "repeats": repeats, "precisions": precisions, "jit": _JIT.value,
-        "seed": _SEED.value, "data": _DATA.value or ["sample"]}}
+        "seed": _SEED.value, "data": _DATA.value or ["sample"], "embed": _EMBED.value,
+        "train": _TRAIN.value, "recall": _RECALL.value,
+        "compare_backbones": _COMPARE_BACKBONES.value, "backbones": backbones,
+        "backbone_sizes": backbone_sizes, "backbone_batch_size": _BACKBONE_BATCH_SIZE.value,
+        "backbone_run_seconds": _BACKBONE_RUN_SECONDS.value}}
 
-    examples = _cycled(splits["train"], num_images)
-    embedding = measure_embedding(examples, preset=preset, precisions=precisions,
-                                  batch_size=batch_size, image_size=image_size,
-                                  resize_size=resize_size, repeats=repeats, seed=_SEED.value)
-    results["embedding"] = embedding
-    for precision in precisions:
-        figures = embedding[precision]
-        print(f"  embed {precision}: model alone {figures['model_only']['median']:.1f}, "
-              f"make_dataset → model {figures['pipeline_and_model']['median']:.1f} images/s, "
-              f"overhead {_percent(figures['overhead'])}", flush=True)
-    print(f"  embed: make_dataset alone {embedding['pipeline_only']['median']:.0f} images/s, "
-          f"built in {1000 * embedding['make_dataset_seconds']:.0f} ms ({measure.load_average()})", flush=True)
+    if _EMBED.value:
+        examples = _cycled(splits["train"], num_images)
+        embedding = measure_embedding(examples, preset=preset, precisions=precisions,
+                                      batch_size=batch_size, image_size=image_size,
+                                      resize_size=resize_size, repeats=repeats, seed=_SEED.value)
+        results["embedding"] = embedding
+        for precision in precisions:
+            figures = embedding[precision]
+            print(f"  embed {precision}: model alone {figures['model_only']['median']:.1f}, "
+                  f"make_dataset → model {figures['pipeline_and_model']['median']:.1f} images/s, "
+                  f"overhead {_percent(figures['overhead'])}", flush=True)
+        print(f"  embed: make_dataset alone {embedding['pipeline_only']['median']:.0f} images/s, "
+              f"built in {1000 * embedding['make_dataset_seconds']:.0f} ms "
+              f"({measure.load_average()})", flush=True)
 
     if _TRAIN.value:
         results["training"] = measure_training(
@@ -427,11 +586,29 @@ def main(argv) -> None:
             learning_rate=config.optimizer.learning_rate, seed=_SEED.value)
         print(f"  training measured ({measure.load_average()})", flush=True)
 
-    print(f"\nThroughput, preset={preset} (median [min–max] of {repeats} runs during which other "
-          f"processes used at most {measure.max_others()} cores):\n")
-    table = throughput_table(results, precisions)
-    print(table)
-    results["table"] = table
+    if _EMBED.value or _TRAIN.value:
+        print(f"\nThroughput, preset={preset} (median [min–max] of {repeats} runs during which "
+              f"other processes used at most {measure.max_others()} cores):\n")
+        table = throughput_table(results, precisions)
+        print(table)
+        results["table"] = table
+
+    if _COMPARE_BACKBONES.value:
+        print(f"\nBackbones {', '.join(backbones)} at {', '.join(map(str, backbone_sizes))} px, "
+              f"model alone: embedding batches of {_BACKBONE_BATCH_SIZE.value}, training batches "
+              f"of {num_classes_per_batch}x{num_per_class} ({measure.load_average()})", flush=True)
+        rows = compare_backbones(
+            splits["train"], backbones=backbones, sizes=backbone_sizes, precisions=precisions,
+            batch_size=_BACKBONE_BATCH_SIZE.value, run_seconds=_BACKBONE_RUN_SECONDS.value,
+            repeats=repeats, num_classes_per_batch=num_classes_per_batch,
+            num_per_class=num_per_class, learning_rate=config.optimizer.learning_rate,
+            seed=_SEED.value)
+        print(f"\nBackbones, model alone on in-memory batches (median [min–max] of {repeats} runs "
+              f"of about {_BACKBONE_RUN_SECONDS.value:g} s during which other processes used at "
+              f"most {measure.max_others()} cores):\n")
+        table = backbone_table(rows, precisions)
+        print(table)
+        results["backbones"] = {"rows": rows, "table": table}
 
     if _RECALL.value:
         print(f"\nRecall@1: {_RECALL_PRESET.value} preset, {_RECALL_EPOCHS.value} epochs x "
