@@ -134,3 +134,20 @@ def test_tfmir_index_refuses_an_output_another_run_is_writing(tmp_path):
     assert result.returncode != 0
     assert f"tfmir index: error: {output} is being written by another tfmir index" in result.stderr
     assert "Traceback" not in result.stderr and not output.exists()
+
+
+def test_outputs_get_the_modes_of_plain_open_and_mkdir(tmp_path):
+    # Issue 11, finding 9: files were created 0600 and index / export folders 0700 (the modes of
+    # mkstemp / mkdtemp), so another user or a serving container could not read them.
+    umask = os.umask(0o022)
+    os.umask(umask)
+    plain_file = tmp_path / "plain.txt"
+    plain_file.write_text("x")
+    plain_folder = tmp_path / "plain"
+    plain_folder.mkdir()
+    files.write_atomic(tmp_path / "atomic.txt", "x")
+    with files.atomic_directory(tmp_path / "folder") as temporary:
+        (temporary / "a.txt").write_text("x")
+    mode = lambda path: os.stat(path).st_mode & 0o777  # noqa: E731
+    assert mode(tmp_path / "atomic.txt") == mode(plain_file) == 0o666 & ~umask
+    assert mode(tmp_path / "folder") == mode(plain_folder) == 0o777 & ~umask

@@ -40,6 +40,16 @@ ASIDE_MARKER = ".tfmir-old-"
 LOCK_SUFFIX = ".lock"
 
 
+def _read_umask() -> int:
+    # Reading the umask means setting it; done once, at import, before any thread writes files.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
 class LockedError(ValueError):
     """Another process holds the lock of an output this one would write."""
 
@@ -95,6 +105,8 @@ def write_atomic(path: str | os.PathLike,
     os.makedirs(directory, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{name}{TEMPORARY_MARKER}", dir=directory)
     try:
+        # mkstemp creates the file 0600; the result gets the mode open() would give it.
+        os.chmod(temporary, 0o666 & ~_UMASK)
         with os.fdopen(handle, "wb") as stream:
             if callable(data):
                 data(stream)
@@ -137,6 +149,8 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[pathlib.Path]:
     temporary = pathlib.Path(
         tempfile.mkdtemp(prefix=f".{target.name}{TEMPORARY_MARKER}", dir=target.parent))
     try:
+        # mkdtemp creates the folder 0700; the result gets the mode mkdir would give it.
+        os.chmod(temporary, 0o777 & ~_UMASK)
         yield temporary
         _fsync_tree(temporary)
         _move_into_place(temporary, target)

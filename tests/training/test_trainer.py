@@ -156,7 +156,7 @@ def test_a_bad_tf_config_is_named_before_anything_starts(tf_config, message, mon
         make_strategy("multi_worker")
 
 
-def test_a_resume_with_other_data_or_config_is_refused(xray, tmp_path):
+def test_a_resume_with_other_data_or_config_is_refused(xray, tmp_path, capsys):
     train, val = xray
     settings = dict(workdir=tmp_path, preset="tiny", epochs=3, steps_per_epoch=2, verbose=0)
     with pytest.raises(SimulatedCrash):
@@ -169,8 +169,11 @@ def test_a_resume_with_other_data_or_config_is_refused(xray, tmp_path):
     with pytest.raises(ValueError, match=r"differs in \['config.optimizer.learning_rate'\]"):
         train_embedder(train, val, learning_rate=0.1, **settings)
     assert (tmp_path / "config.json").read_text() == config_before  # nothing was rewritten
+    capsys.readouterr()
     result = train_embedder(train, val, **settings)  # the same command resumes
     assert result.initial_epoch == 1 and result.history["epoch"] == [0.0, 1.0, 2.0]
+    # ... and says so (issue 11, finding 9: a resumed run never said it resumed).
+    assert f"Resuming the run in {tmp_path} from its backup: epoch 2 of 3." in capsys.readouterr().out
 
 
 def test_a_monitor_no_evaluator_produces_is_refused_before_training(xray, tmp_path):

@@ -334,6 +334,9 @@ def fit(config: Config, splits: Mapping[str, Examples | None], workdir: os.PathL
         with (exclusive_lock(workdir / "run", "training run") if chief
               else contextlib.nullcontext()):
             _prepare_workdir(workdir, record, resuming=initial_epoch > 0, chief=chief)
+            if initial_epoch > 0 and chief:
+                print(f"Resuming the run in {workdir} from its backup: epoch {initial_epoch + 1} "
+                      f"of {config.epochs}.", flush=True)
             dataset = _replica_datasets(strategy, train, sampler, task, config)
             best_path = _run(task, deployable, dataset, strategy, config, evaluators, train, val,
                              workdir, backup_dir, initial_epoch, chief=chief,
