@@ -441,18 +441,11 @@ def average_intervals(test, fused_embeddings: dict, *, seed: int) -> dict:
     Returns:
         {method: {"mean", "low", "high", ...}, "universal_minus": {method: paired_bootstrap}}.
     """
-    from tfmir.index import exact_search
-    from tfmir.metrics import bootstrap_mean, paired_bootstrap, recall_hits
+    from tfmir.metrics import bootstrap_mean, paired_bootstrap
+    from tfmir.training import recall_hits_per_source
 
-    hits = {}
-    for method, embeddings in fused_embeddings.items():
-        hits[method] = np.zeros(len(test))
-        for source in test.source_names:
-            members = test.sources == source
-            labels = test.labels[members]
-            _, neighbours = exact_search(embeddings[members], embeddings[members], 1,
-                                         exclude_self=True)
-            hits[method][members] = recall_hits(labels, labels[neighbours], 1)
+    hits = {method: recall_hits_per_source(test, embeddings)
+            for method, embeddings in fused_embeddings.items()}
     intervals = {method: bootstrap_mean(values, groups=test.sources, seed=seed)
                  for method, values in hits.items()}
     if "universal" in hits:

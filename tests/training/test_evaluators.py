@@ -490,3 +490,25 @@ def test_constructor_errors():
         MeanAveragePrecision(metric="l1")
     with pytest.raises(ValueError, match=r"threshold must be in \(0, 1\). Received: threshold=1"):
         SegmentationOverlap(threshold=1)
+
+
+def test_recall_hits_per_source_matches_a_brute_force_loop():
+    from tfmir.data import Examples
+    from tfmir.training import recall_hits_per_source
+
+    rng = np.random.default_rng(4)
+    count = 40
+    embeddings = rng.normal(size=(count, 6)).astype("float32")
+    embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
+    labels = rng.integers(0, 3, count)
+    sources = np.where(np.arange(count) % 3 == 0, "b", "a")
+    examples = Examples(labels=labels, sources=sources, ids=[str(i) for i in range(count)],
+                        class_names=("x", "y", "z"), images=np.zeros((count, 8, 8, 3), np.uint8))
+    for k in (1, 3):
+        expected = np.zeros(count)
+        for query in range(count):
+            others = [item for item in range(count)
+                      if item != query and sources[item] == sources[query]]
+            nearest = sorted(others, key=lambda item: -float(embeddings[query] @ embeddings[item]))
+            expected[query] = float(any(labels[item] == labels[query] for item in nearest[:k]))
+        np.testing.assert_array_equal(recall_hits_per_source(examples, embeddings, k), expected)

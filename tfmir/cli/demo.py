@@ -70,22 +70,15 @@ def recall_gains(examples, baseline, trained, *, seed: int) -> dict:
     Returns:
         {source: paired_bootstrap result, ..., "average": ...}.
     """
-    from tfmir.index import exact_search
-    from tfmir.metrics import paired_bootstrap, recall_hits
+    from tfmir.metrics import paired_bootstrap
+    from tfmir.training import recall_hits_per_source
 
-    hits = {name: np.zeros(len(examples)) for name in ("baseline", "trained")}
-    gains = {}
-    for source in examples.source_names:
-        members = examples.sources == source
-        labels = examples.labels[members]
-        for name, embeddings in (("baseline", baseline), ("trained", trained)):
-            _, neighbours = exact_search(embeddings[members], embeddings[members], 1,
-                                         exclude_self=True)
-            hits[name][members] = recall_hits(labels, labels[neighbours], 1)
-        gains[source] = paired_bootstrap(hits["baseline"][members], hits["trained"][members],
-                                         seed=seed)
-    gains["average"] = paired_bootstrap(hits["baseline"], hits["trained"],
-                                        groups=examples.sources, seed=seed)
+    first = recall_hits_per_source(examples, baseline)
+    second = recall_hits_per_source(examples, trained)
+    gains = {source: paired_bootstrap(first[examples.sources == source],
+                                      second[examples.sources == source], seed=seed)
+             for source in examples.source_names}
+    gains["average"] = paired_bootstrap(first, second, groups=examples.sources, seed=seed)
     return gains
 
 

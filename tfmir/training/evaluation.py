@@ -79,3 +79,25 @@ def evaluate_retrieval(model, examples: Examples, *, resize_size: int, ks=(1, 2,
         for key in results[examples.source_names[0]]
     }
     return results
+
+
+def recall_hits_per_source(examples: Examples, embeddings: np.ndarray, k: int = 1) -> np.ndarray:
+    """Each item's Recall@k outcome (0/1) as a query against the rest of its own source.
+
+    The per-query outcomes behind `evaluate_retrieval`'s Recall@k, for paired or stratified
+    bootstrap intervals (`tfmir.metrics.paired_bootstrap(..., groups=examples.sources)`).
+
+    Returns:
+        float64 (len(examples),), in the order of `examples`.
+    """
+    from tfmir.index import exact_search
+    from tfmir.metrics import recall_hits
+
+    hits = np.zeros(len(examples))
+    for source in examples.source_names:
+        members = examples.sources == source
+        labels = examples.labels[members]
+        _, neighbours = exact_search(embeddings[members], embeddings[members], k,
+                                     exclude_self=True)
+        hits[members] = recall_hits(labels, labels[neighbours], k)
+    return hits
