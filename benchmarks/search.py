@@ -1,6 +1,7 @@
-"""Search speed and recall: exact search, ScaNN through tfmir and raw, Hamming codes, /search.
+"""Search speed and recall: exact search, ScaNN through tfmir and raw, Hamming codes, /search,
+each beside its faiss anchor.
 
-    python benchmarks/search.py                          # everything, 1M x 128 (~4 min, 2 cores)
+    python benchmarks/search.py                          # everything, 1M x 128 (~15 min, 2 cores)
     python benchmarks/search.py --sections=synthetic --num_items=100000 --num_queries=2000
     python benchmarks/search.py --sections=real,serve --model=runs/sample/best.keras
     python benchmarks/search.py --output_json=search.json
@@ -10,9 +11,10 @@ In one run (--sections picks a subset):
 1. synthetic: --num_items unit vectors of --dimension (default 1,000,000 x 128): --num_clusters
    Gaussian cluster centres on the unit sphere plus --noise per coordinate, normalised; the
    --num_queries queries are drawn the same way, not taken from the database. Exact ground truth
-   comes from `ExactIndex` (batched TensorFlow matmul + top_k, --exact_batch_size queries at a
-   time so memory stays bounded) over all queries, and is checked against a float64 NumPy brute
-   force on --check_queries queries. Compared: `ExactIndex` (timed on --exact_queries queries);
+   comes from `ExactIndex` (faiss brute force, ties in row order) over all queries, and is
+   checked against a float64 NumPy brute force on --check_queries queries. Compared: `ExactIndex`
+   and its anchor faiss `IndexFlatIP` (`IndexFlatL2` for l2) on the same stored vectors, timed
+   interleaved on --exact_queries queries per call, with the ratio tfmir/faiss (target >= 1/1.5);
    `ScannIndex` in its automatic configuration (5 % of the tree's leaves searched) and two other
    settings (2 % of the leaves searched, and that with 2x the candidates reordered; when the data
    is small enough for brute force, forced asymmetric hashing and forced tree instead); raw ScaNN
@@ -20,8 +22,14 @@ In one run (--sections picks a subset):
    <= 10 %). Raw ScaNN is built once per
    distinct trained configuration; leaves searched and reorder size are search-time arguments
    (`leaves_to_search`, `pre_reorder_num_neighbors`), which is what a raw ScaNN user would pass.
+   The approximate anchor is faiss `IndexHNSWFlat(dimension, --hnsw_m)` (L2 on the stored unit
+   vectors for cosine, inner product for dot; efConstruction --hnsw_ef_construction), built once:
+   its recall is measured at every efSearch of --hnsw_ef_search, and beside each ScannIndex setting
+   (timed interleaved with it) runs the smallest efSearch whose recall is at least that setting's;
+   the tfmir/faiss column is then ScannIndex / HNSW queries/s at comparable recall.
    Build time, queries/s and recall@10 = mean over queries of |ANN top-10 & exact top-10| / 10.
-   Targets on a 2-core CPU: recall@10 >= 0.95 at >= 10,000 queries/s, build <= 60 s.
+   Targets on a 2-core CPU: recall@10 >= 0.95 at >= 10,000 queries/s, build <= 60 s, and faster
+   than HNSW at comparable recall.
 2. real: embeddings of --data (default: the shipped sample) with --model (a `.keras` checkpoint
    from `tfmir train` / `tfmir demo`, resize side from the `config.json` next to it); without
    --model the `cpu` preset is trained as `tfmir demo` trains it (--train_epochs x --train_steps,
@@ -30,11 +38,14 @@ In one run (--sections picks a subset):
    database is above 0.9), on which approximate-search recall says little. Database: train +
    val splits; queries: the test split. The same comparison as 1; the shipped sample is far
    below ScannIndex's brute-force threshold (20,000), so its automatic mode is brute force.
-3. hamming: `HammingIndex` on --num_items random 64-bit codes against `ExactIndex` (dot product)
-   over the same items as 64-d float vectors of +-1 (dot = 64 - 2 x Hamming distance), with
-   --hamming_queries queries each; correctness: the Hamming top-10 rows equal a NumPy brute
-   force (np.unpackbits popcount, stable sort) on --check_queries queries, and the exact float
-   top-10 scores equal 64 - 2 x the Hamming distances on every timed query.
+3. hamming: `HammingIndex` on --num_items random 64-bit codes against its anchor faiss
+   `IndexBinaryFlat` (the same codes as bytes; default settings) and against `ExactIndex` (dot
+   product) over the same items as 64-d float vectors of +-1 (dot = 64 - 2 x Hamming distance),
+   --hamming_queries queries each, the three timed interleaved, with the ratio tfmir/faiss
+   (target >= 1/1.5); correctness: the Hamming top-10 rows equal a NumPy brute force
+   (np.unpackbits popcount, stable sort) on --check_queries queries, faiss's distances equal
+   HammingIndex's, and the exact float top-10 scores equal 64 - 2 x the Hamming distances on
+   every timed query.
 4. serve: exports the real-data model (`tfmir.export.export_saved_model`), writes a `ScannIndex`
    directory of the real embeddings, starts `tfmir.serving.make_server` in a thread on a free
    port and sends --num_requests sequential `POST /search` requests (raw PNG bytes of test
@@ -44,15 +55,16 @@ In one run (--sections picks a subset):
    not available" when the package is missing.
 
 Queries/s: all queries of a section in one batched call -- `ScannIndex.search_arrays` (ScaNN
-`search_batched_parallel`, --search_batch_size queries per parallel batch, one thread per core)
-and the same raw ScaNN call; `ExactIndex.search_arrays` and `HammingIndex.search_arrays` batch
-internally. Every figure is the median of --repeats timed runs (`time.perf_counter`, after a
-warm-up); runs shorter than --min_run_seconds repeat the call within the run. Builds are timed
-once. The machine may be shared: the CPU time other processes took during each run is measured
-(from /proc/stat); a search run during which they used more than --max_others cores is timed
-again (up to 3 x --repeats runs), and a figure without --repeats undisturbed runs (or a build
-during which they did) is marked "(disturbed)". Prints a Markdown table per section;
---output_json gets every figure.
+`search_batched_parallel`, --search_batch_size queries per parallel batch, one thread per core) and
+the same raw ScaNN call; `ExactIndex.search_arrays` and `HammingIndex.search_arrays` batch
+internally; faiss indexes get the whole query array in one `search` call and use faiss's default
+threads (OpenMP, one per core; nothing here changes them). Every figure is the median of --repeats
+timed runs (`time.perf_counter`, after a warm-up); runs shorter than --min_run_seconds repeat the
+call within the run. Builds are timed once. The machine may be shared: the CPU time other processes
+took during each run is measured (from /proc/stat); a search run during which they used more than
+--max_others cores is timed again (up to 3 x --repeats runs), and a figure without --repeats
+undisturbed runs (or a build during which they did) is marked "(disturbed)". Prints a Markdown
+table per section; --output_json gets every figure.
 """
 
 from __future__ import annotations
@@ -73,6 +85,7 @@ import urllib.request
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import faiss  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -83,6 +96,8 @@ from tfmir.index import ExactIndex, HammingIndex, Index, ScannIndex  # noqa: E40
 
 SECTIONS = ("synthetic", "real", "hamming", "serve")
 TARGET_RECALL, TARGET_QPS, TARGET_BUILD_SECONDS, TARGET_OVERHEAD = 0.95, 10_000, 60.0, 0.10
+# Exact and Hamming search must run at least at this fraction of their faiss anchor's speed.
+TARGET_FAISS_RATIO = 1 / 1.5
 # The faster tree variant: ScannIndex searches 5 % of the leaves by default.
 FEWER_LEAVES_FRACTION = 0.02
 
@@ -100,12 +115,21 @@ _K = flags.DEFINE_integer("k", 10, "Neighbours per query (recall@k).")
 _EXACT_QUERIES = flags.DEFINE_integer("exact_queries", 1000, "Queries in each timed run of exact "
                                       "search (ground truth always covers every query).")
 _EXACT_BATCH_SIZE = flags.DEFINE_integer(
-    "exact_batch_size", 128, "ExactIndex batch_size: queries scored against the whole database "
-    "at once (128 x 1M float32 scores = 512 MB; ExactIndex's default 1024 would need 4 GB).")
+    "exact_batch_size", 1024, "ExactIndex batch_size (its default): queries whose ties reach past "
+    "the first candidates are searched again with at most batch_size x N candidates at once.")
 _CHECK_QUERIES = flags.DEFINE_integer("check_queries", 20, "Queries checked against a NumPy "
                                       "brute force (ground truth, Hamming).")
 _SEARCH_BATCH_SIZE = flags.DEFINE_integer("search_batch_size", 256,
                                           "Queries per ScaNN search_batched_parallel batch.")
+_HNSW_M = flags.DEFINE_integer("hnsw_m", 32, "M (neighbours per node) of the faiss HNSW anchor.")
+_HNSW_EF_CONSTRUCTION = flags.DEFINE_integer("hnsw_ef_construction", 40,
+                                             "efConstruction of the faiss HNSW anchor (faiss's "
+                                             "default).")
+_HNSW_EF_SEARCH = flags.DEFINE_list(
+    "hnsw_ef_search",
+    ["16", "24", "32", "48", "64", "96", "128", "192", "256", "384", "512", "768", "1024"],
+    "efSearch values whose recall is measured (in increasing order, up to the first with recall "
+    ">= 0.999); beside each ScannIndex setting runs the smallest one reaching its recall.")
 _HAMMING_QUERIES = flags.DEFINE_integer("hamming_queries", 1000,
                                         "Queries of the Hamming section (both searches).")
 _MODEL = flags.DEFINE_string("model", None, "`.keras` checkpoint for the real and serve sections "
@@ -180,6 +204,36 @@ def _scann_version() -> str:
         return importlib.metadata.version("scann")
     except importlib.metadata.PackageNotFoundError:
         return "not installed"
+
+
+def _faiss_version() -> str:
+    return importlib.metadata.version("faiss-cpu")
+
+
+def faiss_flat(data: np.ndarray, metric: str):
+    """faiss brute force over `data` (as ExactIndex stores it): IndexFlatIP or IndexFlatL2."""
+    index = (faiss.IndexFlatL2 if metric == "l2" else faiss.IndexFlatIP)(data.shape[1])
+    index.add(data)
+    return index
+
+
+def faiss_hnsw(data: np.ndarray, metric: str):
+    """faiss IndexHNSWFlat(dimension, --hnsw_m) over `data`.
+
+    L2 (faiss's default) for cosine too: on the stored unit vectors it ranks as the inner product
+    does. Only "dot" needs the inner product.
+    """
+    faiss_metric = faiss.METRIC_INNER_PRODUCT if metric == "dot" else faiss.METRIC_L2
+    index = faiss.IndexHNSWFlat(data.shape[1], _HNSW_M.value, faiss_metric)
+    index.hnsw.efConstruction = _HNSW_EF_CONSTRUCTION.value
+    index.add(data)
+    return index
+
+
+def matched_ef_search(recalls: dict, recall: float) -> int:
+    """The smallest efSearch whose recall is at least `recall`, else the one with the best."""
+    reaching = [ef for ef, value in sorted(recalls.items()) if value >= recall]
+    return reaching[0] if reaching else max(recalls, key=recalls.get)
 
 
 def reorder_size(settings: dict, k: int, num_items: int) -> int:
@@ -261,10 +315,20 @@ def scann_variants(num_items: int, dimension: int, metric: str, k: int) -> list[
 
 def compare_indexes(database: np.ndarray, queries: np.ndarray, *, metric: str, k: int,
                     repeats: int, exact_queries: int, check_queries: int, label: str) -> dict:
-    """Exact search, ScannIndex variants and raw ScaNN on one database; see the module docstring."""
+    """Exact search, ScannIndex variants, raw ScaNN and the faiss anchors on one database.
+
+    See the module docstring.
+    """
     num_items, dimension = database.shape
     result = {"num_items": num_items, "num_queries": len(queries), "dimension": dimension,
               "metric": metric, "k": k, "rows": []}
+    # What the indexes store and search with (unit rows for cosine), for faiss and raw ScaNN.
+    stored = database / np.maximum(np.linalg.norm(database, axis=1, keepdims=True),
+                                   np.finfo(np.float32).tiny) if metric == "cosine" else database
+    stored = np.ascontiguousarray(stored, dtype=np.float32)
+    raw_queries = queries / np.linalg.norm(queries, axis=1, keepdims=True) \
+        if metric == "cosine" else queries
+    raw_queries = np.ascontiguousarray(raw_queries, dtype=np.float32)
 
     # Exact search: the reference, and the ground truth of every query.
     build, exact = _timed_build(lambda: ExactIndex(
@@ -281,26 +345,51 @@ def compare_indexes(database: np.ndarray, queries: np.ndarray, *, metric: str, k
                               "mean_topk_score": float(truth_scores[:, -1].mean())}
     result["ground_truth"]["numpy_check"] = check_ground_truth(
         database, queries[:check_queries], truth_rows[:check_queries], metric, k)
-    subset = queries[:exact_queries]
+
+    # ExactIndex and faiss's flat index, timed interleaved on the same queries.
+    flat_build, flat = _timed_build(lambda: faiss_flat(stored, metric))
+    flat_name = f"faiss {type(flat).__name__}"
+    subset, raw_subset = queries[:exact_queries], raw_queries[:exact_queries]
+    flat_recall = recall_at_k(flat.search(raw_subset, k)[1], truth_rows[:exact_queries])
     run, calls = _calibrated(lambda: exact.search_arrays(subset, k), _MIN_RUN_SECONDS.value)
-    timings = measure.round_robin({"exact": run}, repeats)["exact"]
-    figure = measure.summary(timings, calls * len(subset), "queries/s", repeats)
+    flat_run, flat_calls = _calibrated(lambda: flat.search(raw_subset, k), _MIN_RUN_SECONDS.value)
+    timings = measure.round_robin({"exact": run, "faiss": flat_run}, repeats)
+    figure = measure.summary(timings["exact"], calls * len(subset), "queries/s", repeats)
+    flat_figure = measure.summary(timings["faiss"], flat_calls * len(subset), "queries/s", repeats)
     result["rows"].append({"method": "exact", "name": "ExactIndex",
                            "settings": f"batch_size {_EXACT_BATCH_SIZE.value}, "
                                        f"{len(subset)} queries per call",
-                           "build": build, "qps": figure, "recall": 1.0})
-    print(f"  [{label}] ExactIndex: {figure['median']:.0f} queries/s ({measure.load_average()})", flush=True)
-    del exact, run
+                           "build": build, "qps": figure, "recall": 1.0,
+                           "faiss_ratio": figure["median"] / flat_figure["median"]})
+    result["rows"].append({"method": "faiss_flat", "name": flat_name,
+                           "settings": f"brute force, {len(subset)} queries per call",
+                           "build": flat_build, "qps": flat_figure, "recall": flat_recall})
+    print(f"  [{label}] ExactIndex: {figure['median']:.0f} queries/s, {flat_name}: "
+          f"{flat_figure['median']:.0f} queries/s, ratio "
+          f"{figure['median'] / flat_figure['median']:.2f} ({measure.load_average()})", flush=True)
+    del exact, run, flat, flat_run
     _free()
 
-    # ScaNN: the wrapper, and raw ScaNN trained the same way, timed interleaved.
-    stored = database / np.maximum(np.linalg.norm(database, axis=1, keepdims=True),
-                                   np.finfo(np.float32).tiny) if metric == "cosine" else database
-    stored = np.ascontiguousarray(stored, dtype=np.float32)
-    raw_queries = queries / np.linalg.norm(queries, axis=1, keepdims=True) \
-        if metric == "cosine" else queries
-    raw_queries = np.ascontiguousarray(raw_queries, dtype=np.float32)
+    # faiss HNSW, the approximate anchor: built once, its recall measured at every efSearch.
+    hnsw_build, hnsw = _timed_build(lambda: faiss_hnsw(stored, metric))
+    hnsw_recalls = {}
+    for ef_search in sorted(int(value) for value in _HNSW_EF_SEARCH.value):
+        parameters = faiss.SearchParametersHNSW(efSearch=ef_search)
+        hnsw_recalls[ef_search] = recall_at_k(hnsw.search(raw_queries, k, params=parameters)[1],
+                                              truth_rows)
+        if hnsw_recalls[ef_search] >= 0.999:
+            break
+    result["hnsw"] = {"m": _HNSW_M.value, "ef_construction": _HNSW_EF_CONSTRUCTION.value,
+                      "build": hnsw_build, "recall_by_ef_search": hnsw_recalls}
+    print(f"  [{label}] faiss HNSW{_HNSW_M.value}: build {hnsw_build['seconds']:.1f} s; "
+          f"recall@{k} by efSearch: "
+          + ", ".join(f"{ef} {value:.4f}" for ef, value in hnsw_recalls.items())
+          + f" ({measure.load_average()})", flush=True)
+
+    # ScaNN: the wrapper, raw ScaNN trained the same way and HNSW at comparable recall, timed
+    # interleaved.
     raw_searchers, raw_builds = {}, {}
+    hnsw_build_shown = False
     for name, settings in scann_variants(num_items, dimension, metric, k):
         build, index = _timed_build(lambda: ScannIndex(
             metric=metric, dimension=dimension, **settings).build(database,
@@ -328,18 +417,29 @@ def compare_indexes(database: np.ndarray, queries: np.ndarray, *, metric: str, k
 
         wrapped_rows = wrapped()[1]
         raw_rows = np.asarray(raw()[0], dtype=np.int64)
+        wrapped_recall = recall_at_k(wrapped_rows, truth_rows)
+        raw_recall = recall_at_k(raw_rows, truth_rows)
+        ef_search = matched_ef_search(hnsw_recalls, wrapped_recall)
+        parameters = faiss.SearchParametersHNSW(efSearch=ef_search)
+
+        def hnsw_search(parameters=parameters):
+            return hnsw.search(raw_queries, k, params=parameters)
+
         wrapped_run, wrapped_calls = _calibrated(wrapped, _MIN_RUN_SECONDS.value)
         raw_run, raw_calls = _calibrated(raw, _MIN_RUN_SECONDS.value)
-        timings = measure.round_robin({"wrapper": wrapped_run, "raw": raw_run}, repeats)
+        hnsw_run, hnsw_calls = _calibrated(hnsw_search, _MIN_RUN_SECONDS.value)
+        timings = measure.round_robin({"wrapper": wrapped_run, "raw": raw_run,
+                                       "hnsw": hnsw_run}, repeats)
         wrapped_figure = measure.summary(timings["wrapper"], wrapped_calls * len(queries), "queries/s",
                                   repeats)
         raw_figure = measure.summary(timings["raw"], raw_calls * len(queries), "queries/s", repeats)
+        hnsw_figure = measure.summary(timings["hnsw"], hnsw_calls * len(queries), "queries/s",
+                                      repeats)
         description = _describe_plan(plan, settings, k)
-        wrapped_recall = recall_at_k(wrapped_rows, truth_rows)
-        raw_recall = recall_at_k(raw_rows, truth_rows)
         result["rows"].append({"method": "scann", "name": f"ScannIndex, {name}",
                                "variant": name, "settings": description, "plan": plan,
-                               "build": build, "qps": wrapped_figure, "recall": wrapped_recall})
+                               "build": build, "qps": wrapped_figure, "recall": wrapped_recall,
+                               "faiss_ratio": wrapped_figure["median"] / hnsw_figure["median"]})
         result["rows"].append({"method": "raw_scann", "name": f"raw ScaNN, {name}",
                                "variant": name, "settings": description, "build": raw_build,
                                "qps": raw_figure, "recall": raw_recall,
@@ -349,14 +449,27 @@ def compare_indexes(database: np.ndarray, queries: np.ndarray, *, metric: str, k
                                "build_overhead": (build["seconds"] / raw_build["seconds"] - 1
                                                   if raw_build and raw_build["seconds"] >= 1
                                                   else None)})
+        result["rows"].append({"method": "faiss_hnsw",
+                               "name": f"faiss HNSW{_HNSW_M.value}, beside {name}",
+                               "variant": name,
+                               "settings": f"IndexHNSWFlat({dimension}, {_HNSW_M.value}"
+                                           + (", inner product" if metric == "dot" else "")
+                                           + f"), efConstruction {_HNSW_EF_CONSTRUCTION.value}, "
+                                           f"efSearch {ef_search}",
+                               "ef_search": ef_search,
+                               "build": None if hnsw_build_shown else hnsw_build,
+                               "qps": hnsw_figure, "recall": hnsw_recalls[ef_search]})
+        hnsw_build_shown = True
         print(f"  [{label}] ScannIndex {name} ({description}): build {build['seconds']:.1f} s, "
               f"{wrapped_figure['median']:.0f} queries/s, recall@{k} {wrapped_recall:.4f}; raw "
               f"ScaNN: {raw_figure['median']:.0f} queries/s, recall@{k} {raw_recall:.4f}"
               + (f", build {raw_build['seconds']:.1f} s" if raw_build else "")
-              + f" ({measure.load_average()})", flush=True)
-        del index, wrapped, wrapped_run, searcher, raw, raw_run
+              + f"; HNSW efSearch {ef_search}: {hnsw_figure['median']:.0f} queries/s, recall@{k} "
+              f"{hnsw_recalls[ef_search]:.4f} ({measure.load_average()})", flush=True)
+        del index, wrapped, wrapped_run, searcher, raw, raw_run, hnsw_run
         _free()
     raw_searchers.clear()
+    del hnsw
     _free()
     return result
 
@@ -522,33 +635,57 @@ def run_hamming() -> dict:
     _free()
     float_queries = as_signs(queries)
 
+    def binary_flat():
+        index = faiss.IndexBinaryFlat(num_bits)
+        index.add(codes.view(np.uint8))  # the same bytes HammingIndex searches
+        return index
+
+    binary_build, binary = _timed_build(binary_flat)
+    query_bytes = np.ascontiguousarray(queries).view(np.uint8)
+
     hamming_scores, hamming_rows = hamming.search_arrays(queries, k)
+    binary_distances, binary_rows = binary.search(query_bytes, k)
     exact_scores, _ = exact.search_arrays(float_queries, k)
     checked = min(_CHECK_QUERIES.value, len(queries))
     rows_equal = sum(np.array_equal(hamming_rows[i], popcount_brute_force(codes, queries[i], k))
                      for i in range(checked))
     # dot of +-1 vectors = bits - 2 x Hamming distance; the k-th best scores must agree.
     scores_equal = int(np.sum(np.all(exact_scores == num_bits - 2 * hamming_scores, axis=1)))
+    faiss_equal = int(np.sum(np.all(binary_distances == hamming_scores, axis=1)))
 
     hamming_run, hamming_calls = _calibrated(lambda: hamming.search_arrays(queries, k),
                                              _MIN_RUN_SECONDS.value)
+    binary_run, binary_calls = _calibrated(lambda: binary.search(query_bytes, k),
+                                           _MIN_RUN_SECONDS.value)
     exact_run, exact_calls = _calibrated(lambda: exact.search_arrays(float_queries, k),
                                          _MIN_RUN_SECONDS.value)
-    timings = measure.round_robin({"hamming": hamming_run, "exact": exact_run}, _REPEATS.value)
+    timings = measure.round_robin({"hamming": hamming_run, "faiss": binary_run,
+                                   "exact": exact_run}, _REPEATS.value)
+    hamming_figure = measure.summary(timings["hamming"], hamming_calls * len(queries), "queries/s",
+                                     _REPEATS.value)
+    binary_figure = measure.summary(timings["faiss"], binary_calls * len(queries), "queries/s",
+                                    _REPEATS.value)
     result = {
         "num_items": len(codes), "num_queries": len(queries), "num_bits": num_bits, "k": k,
-        "hamming": {"build": hamming_build, "qps": measure.summary(
-            timings["hamming"], hamming_calls * len(queries), "queries/s", _REPEATS.value),
-            "batch_size": hamming.settings["batch_size"] or "automatic (64 MiB XOR block)"},
+        "hamming": {"build": hamming_build, "qps": hamming_figure,
+                    "batch_size": hamming.settings["batch_size"] or "all queries",
+                    "faiss_ratio": hamming_figure["median"] / binary_figure["median"]},
+        "faiss_binary": {"build": binary_build, "qps": binary_figure},
         "exact_float": {"build": exact_build, "qps": measure.summary(
             timings["exact"], exact_calls * len(queries), "queries/s", _REPEATS.value),
             "batch_size": _EXACT_BATCH_SIZE.value},
         "correctness": {"checked_queries": checked, "rows_equal_numpy": int(rows_equal),
+                        "faiss_distances_equal": faiss_equal,
+                        "faiss_rows_equal": int(np.sum(np.all(binary_rows == hamming_rows,
+                                                              axis=1))),
                         "float_scores_equal_hamming": scores_equal,
                         "float_queries": len(queries)},
     }
-    print(f"  hamming: HammingIndex {result['hamming']['qps']['median']:.0f} queries/s, exact "
-          f"float {result['exact_float']['qps']['median']:.0f} queries/s ({measure.load_average()})", flush=True)
+    print(f"  hamming: HammingIndex {hamming_figure['median']:.0f} queries/s, faiss "
+          f"IndexBinaryFlat {binary_figure['median']:.0f} queries/s (ratio "
+          f"{result['hamming']['faiss_ratio']:.2f}), exact float "
+          f"{result['exact_float']['qps']['median']:.0f} queries/s ({measure.load_average()})",
+          flush=True)
     return result
 
 
@@ -697,10 +834,17 @@ def _percent(value) -> str:
     return "—" if value is None else f"{100 * value:+.1f} %"
 
 
+def _ratio(value) -> str:
+    return "—" if value is None else f"{value:.2f}"
+
+
 def index_table(result: dict) -> str:
+    """One row per method; tfmir / faiss: ExactIndex over IndexFlat*, ScannIndex over the HNSW
+    row below it (comparable recall)."""
     k = result["k"]
     lines = [f"| method | configuration | build (s) | queries/s, median [min–max] | recall@{k} "
-             "| wrapper overhead: search / build | others (cores) |", "|---" * 7 + "|"]
+             "| tfmir / faiss | wrapper overhead: search / build | others (cores) |",
+             "|---" * 8 + "|"]
     for row in result["rows"]:
         overhead = "—"
         if row["method"] == "raw_scann":
@@ -710,17 +854,29 @@ def index_table(result: dict) -> str:
                      + ([row["build"]["others_cores"]]
                         if row["build"] and row["build"]["others_cores"] is not None else []))
         lines.append(f"| {row['name']} | {row['settings']} | {build} | {_rate(row['qps'])} | "
-                     f"{row['recall']:.4f} | {overhead} | {others:.2f} |")
+                     f"{row['recall']:.4f} | {_ratio(row.get('faiss_ratio'))} | {overhead} | "
+                     f"{others:.2f} |")
     return "\n".join(lines)
 
 
+def _met(ok: bool) -> str:
+    return "met" if ok else "**missed**"
+
+
 def targets_lines(result: dict) -> list[str]:
-    """Per ScannIndex configuration: which of the issue's targets it meets."""
+    """ExactIndex against faiss, and per ScannIndex configuration: which targets it meets."""
     lines = []
+    for row in result["rows"]:
+        if row["method"] == "exact":
+            ratio = row["faiss_ratio"]
+            lines.append(f"- ExactIndex / faiss flat: {ratio:.2f} >= {TARGET_FAISS_RATIO:.2f} "
+                         f"{_met(ratio >= TARGET_FAISS_RATIO)}")
     raw = {row["variant"]: row for row in result["rows"] if row["method"] == "raw_scann"}
+    hnsw = {row["variant"]: row for row in result["rows"] if row["method"] == "faiss_hnsw"}
     for row in result["rows"]:
         if row["method"] != "scann":
             continue
+        anchor = hnsw[row["variant"]]
         checks = [(f"recall@{result['k']} {row['recall']:.4f} >= {TARGET_RECALL}",
                    row["recall"] >= TARGET_RECALL),
                   (f"{row['qps']['median']:,.0f} >= {TARGET_QPS:,} queries/s",
@@ -729,24 +885,30 @@ def targets_lines(result: dict) -> list[str]:
                    row["build"]["seconds"] <= TARGET_BUILD_SECONDS),
                   (f"search overhead {_percent(raw[row['variant']]['search_overhead'])} <= "
                    f"{100 * TARGET_OVERHEAD:.0f} %",
-                   raw[row["variant"]]["search_overhead"] <= TARGET_OVERHEAD)]
+                   raw[row["variant"]]["search_overhead"] <= TARGET_OVERHEAD),
+                  (f"{row['faiss_ratio']:.2f}x HNSW efSearch {anchor['ef_search']} (recall "
+                   f"{anchor['recall']:.4f}) > 1", row["faiss_ratio"] > 1)]
         lines.append(f"- {row['name']}: " + "; ".join(
-            f"{text} {'met' if ok else '**missed**'}" for text, ok in checks))
+            f"{text} {_met(ok)}" for text, ok in checks))
     return lines
 
 
 def hamming_table(result: dict) -> str:
-    hamming, exact = result["hamming"], result["exact_float"]
-    lines = ["| method | build (s) | queries/s, median [min–max] | others (cores) |",
-             "|---" * 4 + "|",
-             f"| HammingIndex, {result['num_bits']}-bit codes (batch {hamming['batch_size']}) | "
+    hamming, binary, exact = result["hamming"], result["faiss_binary"], result["exact_float"]
+    bits = result["num_bits"]
+    lines = ["| method | build (s) | queries/s, median [min–max] | tfmir / faiss "
+             "| others (cores) |",
+             "|---" * 5 + "|",
+             f"| HammingIndex, {bits}-bit codes (batch {hamming['batch_size']}) | "
              f"{_build(hamming['build'])} | {_rate(hamming['qps'])} | "
-             f"{hamming['qps']['others_cores']:.2f} |",
-             f"| ExactIndex, dot, {result['num_bits']}-d float ±1 (batch {exact['batch_size']}) | "
-             f"{_build(exact['build'])} | {_rate(exact['qps'])} | "
+             f"{_ratio(hamming['faiss_ratio'])} | {hamming['qps']['others_cores']:.2f} |",
+             f"| faiss IndexBinaryFlat({bits}), default settings | {_build(binary['build'])} | "
+             f"{_rate(binary['qps'])} | — | {binary['qps']['others_cores']:.2f} |",
+             f"| ExactIndex, dot, {bits}-d float ±1 (batch {exact['batch_size']}) | "
+             f"{_build(exact['build'])} | {_rate(exact['qps'])} | — | "
              f"{exact['qps']['others_cores']:.2f} |",
-             f"| Hamming / exact float | | "
-             f"{hamming['qps']['median'] / exact['qps']['median']:.2f}× | |"]
+             f"| HammingIndex / exact float | | "
+             f"{hamming['qps']['median'] / exact['qps']['median']:.2f}× | | |"]
     return "\n".join(lines)
 
 
@@ -788,14 +950,16 @@ def main(argv) -> None:
     logging.set_verbosity(logging.WARNING)  # not one line per served request
     tf.get_logger().setLevel("ERROR")
     keras.utils.set_random_seed(_SEED.value)
-    env = measure.environment(scann=_scann_version())
+    env = measure.environment(scann=_scann_version(), faiss=_faiss_version(),
+                              faiss_threads=faiss.omp_get_max_threads())
     print("environment: " + ", ".join(f"{key}={value}" for key, value in env.items()))
     print(f"start: {time.strftime('%Y-%m-%d %H:%M:%S')}, {measure.load_average()}", flush=True)
     results = {"environment": env, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                "flags": {flag.name: flag.value for flag in (
                    _SECTIONS, _NUM_ITEMS, _NUM_QUERIES, _DIMENSION, _NUM_CLUSTERS, _NOISE, _K,
                    _EXACT_QUERIES, _EXACT_BATCH_SIZE, _CHECK_QUERIES, _SEARCH_BATCH_SIZE,
-                   _HAMMING_QUERIES, _MODEL, _DATA, _TRAIN_EPOCHS, _TRAIN_STEPS, _NUM_REQUESTS,
+                   _HNSW_M, _HNSW_EF_CONSTRUCTION, _HNSW_EF_SEARCH, _HAMMING_QUERIES, _MODEL,
+                   _DATA, _TRAIN_EPOCHS, _TRAIN_STEPS, _NUM_REQUESTS,
                    _REPEATS, _MIN_RUN_SECONDS, _SEED)},
                "max_others": measure.max_others(),
                "command": " ".join(["python", "benchmarks/search.py", *sys.argv[1:]])}
@@ -829,10 +993,16 @@ def main(argv) -> None:
         print(f"\n### Hamming\n\n{hamming['num_items']:,} random {hamming['num_bits']}-bit codes, "
               f"{hamming['num_queries']:,} queries, k = {hamming['k']}.\n")
         print(hamming_table(hamming))
+        ratio = hamming["hamming"]["faiss_ratio"]
+        print(f"\n- HammingIndex / faiss IndexBinaryFlat: {ratio:.2f} >= "
+              f"{TARGET_FAISS_RATIO:.2f} {_met(ratio >= TARGET_FAISS_RATIO)}")
         print(f"\ncorrectness: HammingIndex top-{hamming['k']} rows equal a NumPy popcount brute "
-              f"force on {check['rows_equal_numpy']}/{check['checked_queries']} queries; exact "
-              f"float scores equal {hamming['num_bits']} - 2 × Hamming distance on "
-              f"{check['float_scores_equal_hamming']}/{check['float_queries']} queries")
+              f"force on {check['rows_equal_numpy']}/{check['checked_queries']} queries; faiss "
+              f"IndexBinaryFlat distances equal HammingIndex's on "
+              f"{check['faiss_distances_equal']}/{check['float_queries']} queries (rows on "
+              f"{check['faiss_rows_equal']}); exact float scores equal {hamming['num_bits']} - 2 × "
+              f"Hamming distance on {check['float_scores_equal_hamming']}/"
+              f"{check['float_queries']} queries")
     if "serve" in results:
         serve = results["serve"]
         print("\n### /search latency\n")

@@ -65,6 +65,22 @@ def test_export_writes_a_tf_serving_version_directory(checkpoint, tmp_path):
     assert "Traceback" not in again.stderr
 
 
+def test_export_leaves_stderr_empty_unless_asked_for_tensorflow_logs(checkpoint, tmp_path):
+    base = tmp_path / "serving"
+    env = {name: value for name, value in os.environ.items() if name != "TF_CPP_MIN_LOG_LEVEL"}
+    command = [sys.executable, "-m", "tfmir.cli", "export", f"--model={checkpoint}",
+               f"--output={base}"]
+    quiet = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert quiet.returncode == 0, quiet.stderr[-3000:]
+    # Not TensorFlow's start-up lines ("failed call to cuInit" on a machine without a GPU), nor
+    # the SavedModel writer's INFO lines (two of 1.4 KB listing renamed inputs, timings).
+    assert quiet.stderr == ""
+    loud = subprocess.run(command + ["--version=2", "--verbosity=0"], capture_output=True,
+                          text=True, timeout=600, env=env)
+    assert loud.returncode == 0, loud.stderr[-3000:]
+    assert "Assets written to" in loud.stderr  # the documented way to see them
+
+
 def test_export_refuses_a_missing_model_file(tmp_path):
     result = tfmir("export", f"--model={tmp_path / 'nowhere.keras'}", f"--output={tmp_path}")
     assert result.returncode != 0

@@ -13,7 +13,8 @@ import pytest
 from tfmir.data import Examples, load_image_folder
 from tfmir.export import export_saved_model, model_fingerprint
 from tfmir.index import Index
-from tfmir.index.embedding import embed_in_shards, load_embedding_function, shard_path
+from tfmir.index.embedding import (ShardMismatchError, embed_in_shards,
+                                   load_embedding_function, shard_path)
 from tfmir.models import Embedder
 
 NUM_IMAGES = 30
@@ -209,13 +210,18 @@ def test_embedding_resumes_from_finished_shards(models, folder, tmp_path):
     uninterrupted = embed_in_shards(embed, [examples], tmp_path / "fresh.shards", **arguments)
     np.testing.assert_allclose(resumed, uninterrupted, atol=1e-5)
 
-    # Shards of another model, or of another preprocessing, are not reused.
+    # Shards of another model, or of another preprocessing, are never reused: refused, or
+    # discarded with overwrite=True.
     calls.clear()
-    embed_in_shards(counting, [examples], shards, **{**arguments, "fingerprint": "another"})
+    with pytest.raises(ShardMismatchError, match="model fingerprint"):
+        embed_in_shards(counting, [examples], shards, **{**arguments, "fingerprint": "another"})
+    assert calls == []
+    embed_in_shards(counting, [examples], shards, overwrite=True,
+                    **{**arguments, "fingerprint": "another"})
     assert calls == [8, 8, 8, 6]
     calls.clear()
-    embed_in_shards(counting, [examples], shards, **{**arguments, "fingerprint": "another",
-                                                      "preprocessing": {"resize_size": 72}})
+    embed_in_shards(counting, [examples], shards, overwrite=True,
+                    **{**arguments, "fingerprint": "another", "preprocessing": {"resize_size": 72}})
     assert calls == [8, 8, 8, 6]
 
 

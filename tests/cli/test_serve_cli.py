@@ -197,7 +197,9 @@ def _refusals(archive):
     return [
         # (method, target, body, content type, status, words the error must contain)
         ("POST", "/search", b"", "image/jpeg", 400, "empty"),
-        ("POST", "/search", b"GIF89a not a supported image", "image/jpeg", 400, "neither JPEG"),
+        ("POST", "/search", b"plain text, not an image", "image/jpeg", 400,
+         "not in a known image format"),
+        ("POST", "/search", b"GIF89a truncated", "image/jpeg", 400, "corrupt"),
         ("POST", "/search", jpeg[:600], "image/jpeg", 400, "image"),
         ("POST", "/search", png[:200], "image/png", 400, "PNG"),
         ("POST", "/search", png_header(100_000, 100_000), "image/png", 413,

@@ -259,8 +259,9 @@ def test_images_under_the_minimum_side_are_refused(loaded):
 
 @pytest.mark.parametrize("corrupt, message", [
     (lambda images: b"", "image bytes are empty"),
-    (lambda images: b"GIF89a is not served", "neither JPEG nor PNG"),
-    (lambda images: b"plain text, not an image", "neither JPEG nor PNG"),
+    (lambda images: b"GIF89a\x10", "GIF bytes are truncated"),
+    (lambda images: b"plain text, not an image", "neither PNG, JPEG nor GIF"),
+    (lambda images: b"BM" + images["jpeg"], "neither PNG, JPEG nor GIF"),
     (lambda images: images["rgb_png"][:20], "PNG bytes are truncated"),
     (lambda images: images["rgb_png"][:12] + b"IEND" + images["rgb_png"][16:], "IHDR"),
     (lambda images: images["rgb_png"][:60], "Invalid PNG data"),

@@ -77,3 +77,22 @@ def test_batch_size_is_validated_and_recorded(tmp_path):
         ExactIndex(dimension=2, batch_size=0)
     path = ExactIndex(dimension=2, batch_size=16).build(np.eye(2), ids=[0, 1]).save(tmp_path / "e")
     assert Index.load(path).settings == {"batch_size": 16}
+
+
+@pytest.mark.parametrize("metric", ["dot", "l2"])
+def test_many_ties_come_in_row_order_after_add_and_load(metric, tmp_path):
+    # Entries in {-1, 0, 1}: integer scores, exact in float32 and float64, hundreds of items
+    # sharing each one; 12,000 items take faiss's split-database path for a single query.
+    rng = np.random.default_rng(7)
+    gallery = rng.integers(-1, 2, size=(12_000, 5)).astype("float32")
+    queries = rng.integers(-1, 2, size=(20, 5)).astype("float32")
+    index = ExactIndex(metric=metric, dimension=5, batch_size=3)
+    index.build(gallery[:5000], ids=range(5000)).add(gallery[5000:], ids=range(5000, 12_000))
+    expected_scores, expected_rows = brute_force(queries, gallery, 12, metric)
+    loaded = Index.load(index.save(tmp_path / "exact"))
+    for searched in (index, loaded):
+        scores, rows = searched.search_arrays(queries, k=12)
+        np.testing.assert_array_equal(rows, expected_rows)
+        np.testing.assert_allclose(scores, expected_scores, rtol=1e-6)
+        scores, rows = searched.search_arrays(queries[3], k=12)
+        np.testing.assert_array_equal(rows, expected_rows[3:4])

@@ -70,6 +70,42 @@ def test_all_equal_codes_tie_in_row_order():
     np.testing.assert_array_equal(rows, np.tile(np.arange(7), (3, 1)))
 
 
+def numpy_search(queries, codes, k):
+    """NumPy brute force on packed words: popcount by np.unpackbits, stable sort (row order)."""
+    all_distances, all_rows = [], []
+    for query in queries:
+        differing = np.bitwise_xor(codes, query[None, :]).view(np.uint8)
+        distances = np.unpackbits(differing, axis=1).sum(axis=1)
+        rows = np.argsort(distances, kind="stable")[:k]
+        all_distances.append(distances[rows])
+        all_rows.append(rows)
+    return np.array(all_distances), np.array(all_rows)
+
+
+@pytest.mark.parametrize("num_words", [1, 2, 3])
+@pytest.mark.parametrize("batch_size", [None, 1, 7])
+def test_ties_in_row_order_over_many_codes(num_words, batch_size):
+    # 70,000 codes (more than faiss scans per block, 65,536) made of 30 codes with 0-3 bits
+    # flipped: thousands of exact duplicates and ties at every distance, far past k.
+    rng = np.random.default_rng(num_words)
+    maximum = np.iinfo(np.uint64).max
+    base = rng.integers(0, maximum, size=(30, num_words), dtype=np.uint64, endpoint=True)
+    codes = base[rng.integers(0, 30, size=70_000)]
+    for _ in range(3):
+        bits = rng.integers(0, 64, size=codes.shape).astype(np.uint64)
+        codes ^= np.where(rng.random(codes.shape) < 0.3, np.uint64(1) << bits, np.uint64(0))
+    queries = codes[rng.choice(70_000, size=9, replace=False)] ^ np.uint64(0b101)
+    index = HammingIndex(dimension=64 * num_words, batch_size=batch_size)
+    index.build(codes[:40_000], ids=range(40_000)).add(codes[40_000:], ids=range(40_000, 70_000))
+    for k in (1, 10, 300):
+        expected_distances, expected_rows = numpy_search(queries, codes, k)
+        distances, rows = index.search_arrays(queries, k)
+        np.testing.assert_array_equal(rows, expected_rows)
+        np.testing.assert_array_equal(distances, expected_distances)
+    distances, rows = index.search_arrays(queries[4], 10)
+    np.testing.assert_array_equal(rows, numpy_search(queries[4:5], codes, 10)[1])
+
+
 def test_pack_bits_layout():
     # 36 bits pad to 40 (5 bytes), then to one 64-bit word; bit 0 is the first byte's MSB.
     bits = np.zeros((1, 36), dtype=int)

@@ -1,9 +1,13 @@
 """`tfmir.serving`: the Python API in threads, the TF Serving backend, startup checks, parsing."""
 
 import base64
+import http.client
 import json
 import logging
+import select
+import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
@@ -12,8 +16,8 @@ import pytest
 from tests.serving import (EXPORT_MAX_IMAGE_PIXELS, NUM_INDEXED, RESIZE_SIZE, as_png,
                            assert_same_answer, build_archive, multipart, png_header, request,
                            search)
-from tfmir.serving import (DEFAULT_MAX_IMAGE_PIXELS, RequestError, SearchError, check_image,
-                           make_server)
+from tfmir.serving import (DEFAULT_MAX_IMAGE_PIXELS, RequestError, SearchError, SearchServer,
+                           check_image, make_server)
 from tfmir.serving.backends import model_error_message
 from tfmir.serving.server import multipart_field
 
@@ -228,7 +232,8 @@ def test_check_image_reads_only_the_header(archive):
     pixels = width * height
     assert check_image(jpeg, max_image_pixels=pixels) == (height, width)
     assert check_image(png_header(300, 200), max_image_pixels=60_000) == (200, 300)
-    cases = [(b"", 400, "empty"), (b"BM" + jpeg, 400, "neither JPEG nor PNG"),
+    cases = [(b"", 400, "empty"), (b"plain text", 400, "not in a known image format"),
+             (b"BM" + jpeg, 400, "corrupt"),
              (jpeg[:40], 400, "corrupt"), (png_header(300, 200)[:20], 400, "corrupt"),
              (jpeg, 413, f"{width} × {height} = {pixels} pixels, more than "
                          f"max_image_pixels={pixels - 1}"),
@@ -291,3 +296,60 @@ def test_defaults_match_the_export_and_the_command():
         capture_output=True, text=True, timeout=120, check=True).stdout.split()
     assert DEFAULT_MAX_IMAGE_PIXELS == EXPORT_DEFAULT == int(printed[0])
     assert DEFAULT_MAX_REQUEST_BYTES == int(printed[1])
+
+
+class _HealthOnlyService:
+    """Stands in for a `SearchService` where only the HTTP connection handling is under test."""
+
+    def health(self):
+        return {"status": "ok"}
+
+    def search(self, image, k=None, source=None):
+        return {"results": [], "predicted_label": None}
+
+
+def test_keep_alive_announces_its_timeout_and_closes_idle_connections_cleanly():
+    idle_timeout = 1
+    server = SearchServer(("127.0.0.1", 0), _HealthOnlyService(), idle_timeout=idle_timeout)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    connection = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=30)
+
+    def get_health():
+        connection.request("GET", "/healthz")
+        response = connection.getresponse()
+        response.read()
+        return response
+
+    try:
+        response = get_health()
+        assert response.status == 200
+        assert response.getheader("Keep-Alive") == f"timeout={idle_timeout}"
+        assert response.getheader("Connection") is None
+        reused = connection.sock
+        # A client that honours the announced timeout reuses the connection up to its end.
+        time.sleep(idle_timeout)
+        assert get_health().status == 200 and connection.sock is reused
+        answered = time.monotonic()
+        # Then the server ends the connection with a clean end of stream, not a reset ...
+        readable, _, _ = select.select([reused], [], [], 30)
+        assert readable and reused.recv(1, socket.MSG_PEEK) == b""
+        assert time.monotonic() - answered >= idle_timeout
+        # ... and a request that crosses the close is dropped without resetting the connection:
+        # http.client sees a plain disconnect (a reset would raise a bare ConnectionResetError)
+        # and the next request opens a new connection.
+        with pytest.raises(http.client.RemoteDisconnected):
+            get_health()
+        connection.close()
+        assert get_health().status == 200
+        # A client that says it is done gets `Connection: close` and no Keep-Alive offer.
+        connection.request("GET", "/healthz", headers={"Connection": "close"})
+        response = connection.getresponse()
+        response.read()
+        assert response.getheader("Connection") == "close"
+        assert response.getheader("Keep-Alive") is None
+    finally:
+        connection.close()
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=60)

@@ -16,12 +16,37 @@ codes for D-dimensional embeddings), and searches by Hamming distance; `tfmir se
 
 An existing index at --output is replaced only with --overwrite (atomically: a reader sees the
 old index or the new one), and a second `tfmir index` on the same --output while one runs is
-refused (a lock on <output>.lock, released by the system when the first exits). Embeddings are
-written in shards to <output>.shards/ as they are computed; after an interruption, run the same
-command again and the finished shards are reused (checked against their ids, the model
-fingerprint and the preprocessing). Once the index is saved (atomically) the shards are removed.
-The manifest records the model fingerprint and the query preprocessing (resize side, crop,
-input size); `tfmir search` and `tfmir serve` refuse a model or resize side that differ.
+refused (a lock on <output>.lock, released by the system when the first exits). An --output that
+cannot be written (its folder is read-only, or a file stands where a folder should) is refused
+before anything is embedded. Embeddings are written in shards of --shard_size rows to
+<output>.shards/ as they are computed; after an interruption, run the same command again and the
+finished shards are reused (checked against their ids). <output>.shards/manifest.json records
+the job (model fingerprint, preprocessing, shard size, the ids' count and digest): shards of
+another job are refused, or discarded with --overwrite. Once the index is saved (atomically) the
+shards are removed. The index manifest records the model fingerprint and the query preprocessing
+(resize side, crop, input size); `tfmir search` and `tfmir serve` refuse a model or resize side
+that differ.
+
+Embedding on several machines: each of N workers runs the same command with
+--num_shards=N --shard_index=i, and one merge builds the index:
+
+    tfmir index --model=M --data=D --output=/shared/skin --num_shards=2 --shard_index=0  # host 1
+    tfmir index --model=M --data=D --output=/shared/skin --num_shards=2 --shard_index=1  # host 2
+    tfmir index --model=M --data=D --output=/shared/skin --num_shards=2 --merge          # then
+
+Worker i embeds the shard files whose number modulo N is i (shard n belongs to worker n % N, as
+`tf.data.Dataset.shard` deals out elements, so every worker gets its share of each --data part)
+into <output>.shards/, which must lie on a filesystem all workers share (NFS or the like), then
+exits without building the index, printing the merge command. Every worker is resumable on its
+own, and locks only its share (<output>.shards/worker-IIIII-of-NNNNN.lock). The first worker to
+start writes the shard manifest; a worker given another --model, --data, --splits, --seed,
+--strict, --resize_size or --shard_size is refused before it embeds anything, and deletes nothing.
+With TF_CONFIG set and neither flag, the cluster's chief and worker tasks are the N workers: the
+chief (if any) is index 0 and worker j is j + the number of chiefs (flags that disagree with
+TF_CONFIG are refused). --merge takes the output lock and builds the index once every shard is
+finished; otherwise it names the missing shards and the --shard_index that owes them (with
+--num_shards, or TF_CONFIG) and embeds nothing. The plain command, without worker flags, also
+builds from the workers' shards, embedding any that are missing itself.
 """
 
 from __future__ import annotations
@@ -62,8 +87,26 @@ _STRICT = flags.DEFINE_bool("strict", False, "Refuse unreadable image files inst
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Folder of MedMNIST .npz files.")
 _DOWNLOAD = flags.DEFINE_bool("download", False, "Download missing MedMNIST files.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the 2:1:1 split of folders and manifests.")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing index at --output "
-                               "(without it, an existing index is refused, as tfmir export does).")
+_OVERWRITE = flags.DEFINE_bool(
+    "overwrite", False, "Replace an existing index at --output (without it, an existing index is "
+    "refused, as tfmir export does), and discard shards left in <output>.shards by another "
+    "model, preprocessing, shard size or data.")
+_NUM_SHARDS = flags.DEFINE_integer(
+    "num_shards", None, "Embed as one of this many workers (with --shard_index); with --merge, "
+    "how many workers embedded the shards, to name those that owe missing ones. Default: the "
+    "chief and worker tasks of TF_CONFIG when it is set.")
+_SHARD_INDEX = flags.DEFINE_integer(
+    "shard_index", None, "This worker's index in [0, --num_shards): it embeds the shard files "
+    "whose number modulo --num_shards is this index into <output>.shards/ and exits without "
+    "building the index. Default: this task's place in TF_CONFIG when it is set.")
+_MERGE = flags.DEFINE_bool(
+    "merge", False, "Build the index from the shards the workers finished, embedding nothing: "
+    "missing shards are named and refused. (Without --merge and worker flags, missing shards "
+    "are embedded here.)")
+
+# What the merge command that a worker prints repeats (the rest does not change the shards).
+_MERGE_FLAGS = (_MODEL, _DATA, _OUTPUT, _SPLITS, _KIND, _METRIC, _SHARD_SIZE, _RESIZE_SIZE,
+                _STRICT, _DATA_DIR, _SEED, _OVERWRITE)
 
 SPLITS = ("train", "val", "test")
 
@@ -167,24 +210,115 @@ def make_index(kind: str, metric: str, dimension: int, fingerprint: str, preproc
     return index_class(metric=metric, dimension=dimension, **identity)
 
 
+def tf_config_worker(text: str) -> tuple[int, int, str]:
+    """(number of workers, this process's index, its task) from a `TF_CONFIG` value.
+
+    The chief and worker tasks all embed: the chief, if any, is index 0 and worker j follows it
+    (the numbering of `MultiWorkerMirroredStrategy`, where the chief is a worker too).
+    """
+    from tfmir.training.strategy import check_tf_config
+
+    try:
+        config = check_tf_config(text)
+    except ValueError as error:
+        raise IndexCommandError(str(error)) from error
+    cluster, task = config["cluster"], config["task"]
+    num_chiefs, num_workers = len(cluster.get("chief") or []), len(cluster.get("worker") or [])
+    kind, index = task["type"], task.get("index", 0)
+    if kind not in ("chief", "worker"):
+        raise IndexCommandError(f"TF_CONFIG makes this process a {kind} task; only chief and "
+                                f"worker tasks embed shards. Received: task={task!r}")
+    return (num_chiefs + num_workers, index + (num_chiefs if kind == "worker" else 0),
+            f"{kind} {index}")
+
+
+def worker_slice(num_shards: int | None, shard_index: int | None, merge: bool,
+                 tf_config: str | None) -> tuple[int | None, int | None]:
+    """(number of workers, this worker's index) from --num_shards/--shard_index or TF_CONFIG.
+
+    (None, None) for one process that does everything; (number of workers or None, None) for
+    --merge; (N, i) for worker i of N, which only embeds its shards.
+    """
+    if num_shards is not None and num_shards < 1:
+        raise IndexCommandError(f"--num_shards must be at least 1. Received: "
+                                f"--num_shards={num_shards}")
+    if merge and shard_index is not None:
+        raise IndexCommandError("--merge builds the index from every worker's shards; drop "
+                                f"--shard_index={shard_index}.")
+    if tf_config:
+        count, index, task = tf_config_worker(tf_config)
+        if num_shards is not None and num_shards != count:
+            raise IndexCommandError(f"--num_shards={num_shards} disagrees with TF_CONFIG, whose "
+                                    f"cluster has {count} chief and worker tasks; drop "
+                                    "--num_shards or unset TF_CONFIG.")
+        if shard_index is not None and shard_index != index:
+            raise IndexCommandError(f"--shard_index={shard_index} disagrees with TF_CONFIG, "
+                                    f"which makes this process ({task}) shard index {index} of "
+                                    f"{count}; drop --shard_index or unset TF_CONFIG.")
+        return (count, None) if merge else (count, index)
+    if merge:
+        return num_shards, None
+    if num_shards is None:
+        if shard_index is not None:
+            raise IndexCommandError(f"--shard_index={shard_index} needs --num_shards (the number "
+                                    "of workers).")
+        return None, None
+    if shard_index is None:
+        raise IndexCommandError(f"--num_shards={num_shards} needs --shard_index (this worker's "
+                                f"index, 0 to {num_shards - 1}), or --merge to build the index "
+                                "from the workers' shards.")
+    if not 0 <= shard_index < num_shards:
+        raise IndexCommandError(f"--shard_index must lie in [0, {num_shards}) for "
+                                f"--num_shards={num_shards}. Received: "
+                                f"--shard_index={shard_index}")
+    return num_shards, shard_index
+
+
+def unwritable_reason(path: str) -> str | None:
+    """Why nothing can be created at `path`: a file where a folder should be, or a folder that
+    is not writable; None when it can."""
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"{parent} is a file, not a folder"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"{parent} is not writable"
+    return None
+
+
+def merge_command(num_workers: int) -> str:
+    """This command as the merge step: the flags that decide the shards, and --merge."""
+    import shlex
+
+    arguments = []
+    for holder in _MERGE_FLAGS:
+        if holder.present:
+            arguments += flags.FLAGS[holder.name].serialize().split("\n")
+    return shlex.join(["tfmir", "index", *arguments, "--merge", f"--num_shards={num_workers}"])
+
+
 def build_index(model: str, specs, output: str) -> None:
     if _KIND.value == "hamming" and _METRIC.present:
         raise IndexCommandError("--metric does not apply to --kind=hamming: a hamming index "
                                 "always uses the Hamming distance.")
+    num_workers, worker_index = worker_slice(_NUM_SHARDS.value, _SHARD_INDEX.value,
+                                             _MERGE.value, os.environ.get("TF_CONFIG"))
     output = os.path.abspath(output)
+    reason = unwritable_reason(output)
+    if reason:
+        raise IndexCommandError(f"--output={output} cannot be written: {reason}.")
+    if worker_index is not None:
+        embed_worker_slice(model, specs, output, num_workers, worker_index)
+        return
     try:
         with exclusive_lock(output, "tfmir index"):
-            _build_index(model, specs, output)
+            _build_index(model, specs, output, num_workers)
     except LockedError as error:
         raise IndexCommandError(str(error)) from error
 
 
-def _build_index(model: str, specs, output: str) -> None:
-    import numpy as np
-
-    from tfmir.index import sign_codes
-    from tfmir.index.embedding import embed_in_shards, load_embedding_function
-
+def _refuse_existing_output(output: str) -> None:
     if os.path.exists(output) and not os.path.isfile(os.path.join(output, "manifest.json")) \
             and (not os.path.isdir(output) or os.listdir(output)):
         raise IndexCommandError(f"--output={output} exists and is not an index directory; "
@@ -192,20 +326,104 @@ def _build_index(model: str, specs, output: str) -> None:
     if os.path.isfile(os.path.join(output, "manifest.json")) and not _OVERWRITE.value:
         raise IndexCommandError(f"--output={output} already holds an index; pass --overwrite "
                                 "to replace it, or choose another path.")
+
+
+def _load_inputs(model: str, specs):
+    """(parts as `load_parts` returns them, the `EmbeddingFunction` of --model)."""
+    from tfmir.index.embedding import load_embedding_function
+
     parts = load_parts(specs, _SPLITS.value)
-    total = sum(len(examples) for examples, _ in parts)
     try:
         embed = load_embedding_function(model, resize_size=_RESIZE_SIZE.value,
                                         batch_size=_BATCH_SIZE.value)
     except ValueError as error:
         raise IndexCommandError(str(error)) from error
-    print(f"Embedding {total} images with {embed.description} "
-          f"(fingerprint {embed.fingerprint[:16]}...)")
+    return parts, embed
+
+
+def _owners(numbers, num_workers: int | None) -> str:
+    """Which workers owe the shards `numbers`, and what to do about them."""
+    from tfmir.index.embedding import number_ranges
+
+    remedy = "or run without --merge to embed them here"
+    if num_workers is None:
+        return ("shard n belongs to the worker with --shard_index = n modulo --num_shards (give "
+                "--merge the workers' --num_shards to name them): run it again (its finished "
+                f"shards are reused), {remedy}")
+    owners = sorted({number % num_workers for number in numbers})
+    if len(owners) == 1:
+        return (f"with --num_shards={num_workers} they belong to --shard_index={owners[0]}: run "
+                f"that worker again (its finished shards are reused), {remedy}")
+    return (f"with --num_shards={num_workers} they belong to the workers with --shard_index "
+            f"{number_ranges(owners)}: run them again (their finished shards are reused), "
+            f"{remedy}")
+
+
+def embed_worker_slice(model: str, specs, output: str, num_workers: int,
+                       worker_index: int) -> None:
+    """Worker `worker_index` of `num_workers`: embeds its shards into <output>.shards/."""
+    from tfmir.index.embedding import (ShardMismatchError, embed_worker_shards,
+                                       worker_shard_numbers)
+
+    _refuse_existing_output(output)
+    parts, embed = _load_inputs(model, specs)
+    total = sum(len(examples) for examples, _ in parts)
+    num_shards = -(-total // _SHARD_SIZE.value)
+    numbers = worker_shard_numbers(num_shards, num_workers, worker_index)
     shards = output + ".shards"
-    vectors = embed_in_shards(embed, [examples for examples, _ in parts], shards,
-                              fingerprint=embed.fingerprint, preprocessing=embed.preprocessing,
-                              shard_size=_SHARD_SIZE.value,
-                              batch_size=_BATCH_SIZE.value)
+    print(f"Worker {worker_index} of {num_workers}: embedding {len(numbers)} of the {num_shards} "
+          f"shards of {total} images into {shards} with {embed.description} (fingerprint "
+          f"{embed.fingerprint[:16]}...)")
+    try:
+        embedded, reused = embed_worker_shards(
+            embed, [examples for examples, _ in parts], shards, num_workers=num_workers,
+            worker_index=worker_index, fingerprint=embed.fingerprint,
+            preprocessing=embed.preprocessing, shard_size=_SHARD_SIZE.value,
+            batch_size=_BATCH_SIZE.value)
+    except ShardMismatchError as error:
+        raise IndexCommandError(
+            f"{error}; every worker needs the same --model, --data, --splits, --seed, --strict, "
+            f"--resize_size and --shard_size (to start over, remove {shards} once no worker "
+            "runs).") from error
+    except LockedError as error:
+        raise IndexCommandError(str(error)) from error
+    print(f"Worker {worker_index} of {num_workers} finished its {len(numbers)} shards in "
+          f"{shards} ({len(embedded)} embedded, {len(reused)} reused).")
+    print(f"Once all {num_workers} workers have finished, build the index with:\n"
+          f"  {merge_command(num_workers)}")
+
+
+def _build_index(model: str, specs, output: str, num_workers: int | None) -> None:
+    import numpy as np
+
+    from tfmir.index import sign_codes
+    from tfmir.index.embedding import (MissingShardsError, ShardMismatchError, embed_in_shards,
+                                       read_shards)
+
+    _refuse_existing_output(output)
+    parts, embed = _load_inputs(model, specs)
+    total = sum(len(examples) for examples, _ in parts)
+    shards = output + ".shards"
+    items = [examples for examples, _ in parts]
+    job = dict(fingerprint=embed.fingerprint, preprocessing=embed.preprocessing,
+               shard_size=_SHARD_SIZE.value)
+    try:
+        if _MERGE.value:
+            print(f"Merging the shards of {total} images in {shards} (embedded by "
+                  f"{embed.description}, fingerprint {embed.fingerprint[:16]}...)")
+            vectors = read_shards(items, shards, **job)
+        else:
+            print(f"Embedding {total} images with {embed.description} "
+                  f"(fingerprint {embed.fingerprint[:16]}...)")
+            vectors = embed_in_shards(embed, items, shards, batch_size=_BATCH_SIZE.value,
+                                      overwrite=_OVERWRITE.value, **job)
+    except MissingShardsError as error:
+        raise IndexCommandError(f"{error}; {_owners(error.numbers, num_workers)}.") from error
+    except ShardMismatchError as error:
+        remedy = ("--merge needs the workers' --model, --data, --splits, --seed, --strict, "
+                  "--resize_size and --shard_size" if _MERGE.value else
+                  f"pass --overwrite to discard them, or remove {shards}")
+        raise IndexCommandError(f"{error}; {remedy}.") from error
     index = make_index(_KIND.value, _METRIC.value, vectors.shape[1], embed.fingerprint,
                        embed.preprocessing)
     if index.kind == "hamming":

@@ -9,7 +9,9 @@ to --output_json) a list with one entry per query:
 `{"query", "results": [{"id", "label", "source", "path", "score", "rank"}], "predicted_label"}`,
 the prediction being the majority label of the top k (ties go to the nearest: deep kNN). For a
 hamming index, the query codes are the signs of the query embeddings, as `tfmir index` made the
-indexed codes; scores are then Hamming distances (lower is better).
+indexed codes; scores are then Hamming distances (lower is better). An --output_json or --gallery
+that cannot be written (a read-only folder, a file where a folder should be) is refused before
+anything is embedded.
 """
 
 from __future__ import annotations
@@ -58,15 +60,39 @@ def check_queries(paths) -> None:
             f"{path} ({reason})" for path, reason in unreadable))
 
 
+def check_output_files(paths: dict) -> None:
+    """Refuses output files (by flag name) that cannot be written, before any work is done."""
+    for flag, path in paths.items():
+        if not path:
+            continue
+        reason = "it is a folder" if os.path.isdir(path) else _unwritable_reason(path)
+        if reason:
+            raise SearchError(f"--{flag}={path} cannot be written: {reason}.")
+
+
+def _unwritable_reason(path: str) -> str | None:
+    # As `tfmir.cli.index.unwritable_reason` (importing that module would define its flags).
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"{parent} is a file, not a folder"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"{parent} is not writable"
+    return None
+
+
 def _image(path: str | None, fallback_side: int = 64):
+    """The image as every reader sees it (upright, first frame, ...), or a grey tile."""
     import numpy as np
-    from PIL import Image
+
+    from tfmir.images import ImageError, decode_rgb
 
     if path:
         try:
-            with Image.open(path) as image:
-                return np.asarray(image.convert("RGB"))
-        except OSError:
+            with open(path, "rb") as stream:
+                return decode_rgb(stream.read())
+        except (OSError, ImageError):
             pass
     return np.full((fallback_side, fallback_side, 3), PLACEHOLDER_GREY, np.uint8)
 
@@ -74,16 +100,17 @@ def _image(path: str | None, fallback_side: int = 64):
 def write_gallery(path: str, queries, output, query_label: str | None) -> None:
     from tfmir.visualization.gallery import save_gallery
 
-    references = [query_label if query_label is not None else entry["predicted_label"]
-                  for entry in output]
-    names = sorted({json.dumps(value) for value in references}
+    predictions = [entry["predicted_label"] for entry in output]
+    known = [] if query_label is None else [query_label]
+    names = sorted({json.dumps(value) for value in predictions + known}
                    | {json.dumps(row["label"]) for entry in output for row in entry["results"]})
     code = {name: number for number, name in enumerate(names)}
     save_gallery(
         path, [_image(query) for query in queries],
-        [code[json.dumps(value)] for value in references],
+        None if query_label is None else [code[json.dumps(query_label)]] * len(output),
         [[_image(row["path"]) for row in entry["results"]] for entry in output],
         [[code[json.dumps(row["label"])] for row in entry["results"]] for entry in output],
+        predicted_labels=[code[json.dumps(value)] for value in predictions],
         class_names=[str(json.loads(name)) for name in names],
         row_titles=[os.path.basename(query) for query in queries])
 
@@ -99,6 +126,7 @@ def search(queries) -> None:
     if not os.path.isdir(_INDEX.value):
         raise SearchError(f"--index={_INDEX.value} is not a directory; build one with "
                           "`tfmir index`.")
+    check_output_files({"output_json": _OUTPUT_JSON.value, "gallery": _GALLERY.value})
     check_queries(queries)
     try:
         embed = load_embedding_function(_MODEL.value, resize_size=_RESIZE_SIZE.value)
@@ -120,14 +148,18 @@ def search(queries) -> None:
     output = [{"query": query, "results": rows, "predicted_label": label}
               for query, rows, label in zip(queries, results, predicted_labels(results))]
     text = json.dumps(output, indent=2) + "\n"
-    if _OUTPUT_JSON.value:
-        from tfmir.files import write_atomic
+    try:
+        if _OUTPUT_JSON.value:
+            from tfmir.files import write_atomic
 
-        write_atomic(_OUTPUT_JSON.value, text)
-    else:
-        print(text, end="")
-    if _GALLERY.value:
-        write_gallery(_GALLERY.value, queries, output, _QUERY_LABEL.value)
+            write_atomic(_OUTPUT_JSON.value, text)
+        else:
+            print(text, end="")
+        if _GALLERY.value:
+            write_gallery(_GALLERY.value, queries, output, _QUERY_LABEL.value)
+    except OSError as error:  # full disk, or the folder changed since check_output_files
+        raise SearchError(f"could not write {error.filename or 'an output'}: "
+                          f"{error.strerror or error}") from error
 
 
 def main(argv) -> None:

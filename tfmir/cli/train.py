@@ -47,6 +47,22 @@ def load_config():
     return override(get_config(_CONFIG.value), CONFIG_OVERRIDES)
 
 
+def flags_text() -> str:
+    """The command's own flags and any other flag given on the command line, one per line.
+
+    Not `FLAGS.flags_into_string()`: that also lists every flag of every imported library
+    (absl's, absl testing's, TensorFlow's), set or not, which hides the run's own settings.
+    """
+    own = flags.FLAGS.get_flags_for_module(__name__)
+    given = {flag.name: flag for module_flags in flags.FLAGS.flags_by_module_dict().values()
+             for flag in module_flags if flag.present and flag not in own}
+    lines = [flag.serialize() for flag in sorted(own, key=lambda flag: flag.name)
+             if flag.value is not None]
+    lines += [flag.serialize() for _, flag in sorted(given.items())]
+    lines += [f"--config.{key}={value}" for key, value in CONFIG_OVERRIDES.items()]
+    return "\n".join(lines) + "\n"
+
+
 def test_ks(test) -> list:
     """The K of the test table's Recall@K (1, 2, 4, 8) that every test source can score.
 
@@ -82,8 +98,7 @@ def main(argv) -> None:
         sys.exit(f"tfmir train: {error}")
     if not result.final_path.exists():
         return  # a non-chief worker: the chief writes the results
-    write_atomic(os.path.join(_WORKDIR.value, "flags.txt"), flags.FLAGS.flags_into_string() +
-                 "".join(f"--config.{key}={value}\n" for key, value in CONFIG_OVERRIDES.items()))
+    write_atomic(os.path.join(_WORKDIR.value, "flags.txt"), flags_text())
     best_path = result.best_path if result.best_path and result.best_path.exists() else None
     best = keras.saving.load_model(best_path) if best_path else result.model
     test = evaluate_retrieval(best, splits["test"], resize_size=result.resize_size, ks=ks)

@@ -30,12 +30,11 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 from absl import logging
-from PIL import Image
 
-from tfmir.image_limits import DEFAULT_MAX_IMAGE_PIXELS, image_size_problem
+from tfmir.images import DEFAULT_MAX_IMAGE_PIXELS, ImageError, decode_rgb
 
 SPLIT_NAMES = ("train", "val", "test")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".dcm")
 MEDMNIST_SIZES = (28, 64, 128, 224)
 # The URL pattern of the medmnist package (v3) for the official Zenodo record.
 MEDMNIST_URL = "https://zenodo.org/records/10519652/files/{file_name}?download=1"
@@ -601,29 +600,28 @@ def load_medmnist_npz(path: str | os.PathLike, *, source: str | None = None,
 # --- Files on disk ------------------------------------------------------------------------------
 
 def _check_image(path: str, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> str | None:
-    """Returns why `path` is not a readable image, or None when PIL decodes it fully.
+    """Returns why `path` is not a readable image, or None when it decodes fully.
 
-    The size is checked from the header first, so a decompression bomb is never decoded.
+    The size is checked from the header first (`tfmir.images`), so a decompression bomb is never
+    decoded.
     """
     try:
-        if os.path.getsize(path) == 0:
-            return "empty file"
-        with Image.open(path) as image:
-            problem = image_size_problem(*image.size, max_image_pixels)
-            if problem:
-                return problem
-            image.load()
+        with open(path, "rb") as stream:
+            data = stream.read()
+        decode_rgb(data, max_image_pixels)
     except FileNotFoundError:
         return "file not found"
-    except Exception as error:  # noqa: BLE001 - any decoder failure means "not readable"
+    except OSError as error:
         return f"{type(error).__name__}: {error}"
+    except ImageError as error:
+        return str(error)
     return None
 
 
 def find_unreadable(paths: Iterable[str | os.PathLike], *,
                     num_workers: int | None = None,
                     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> list[tuple[str, str]]:
-    """Decodes every file with PIL (open + load, in a thread pool) and lists those that fail.
+    """Decodes every file (`tfmir.images.decode_rgb`, in a thread pool) and lists those that fail.
 
     Args:
         paths: image files.
@@ -639,7 +637,7 @@ def find_unreadable(paths: Iterable[str | os.PathLike], *,
     Example:
 
     ```python
-    find_unreadable(["ok.png", "empty.png"])  # [("empty.png", "empty file")]
+    find_unreadable(["ok.png", "empty.png"])  # [("empty.png", "an empty file")]
     ```
     """
     paths = [os.fspath(path) for path in paths]

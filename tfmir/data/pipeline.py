@@ -31,16 +31,24 @@ from PIL import Image
 
 from tfmir.data.datasets import Examples
 from tfmir.data.samplers import ShuffledSampler
+from tfmir.images import (GIF_SIGNATURES, JPEG_SIGNATURE, PNG_SIGNATURE, SIXTEEN_BIT_DIVISOR,
+                          decode_rgb)
 
 AUTOTUNE = tf.data.AUTOTUNE
 # The fields an element can hold: "image" is the model input, the others are targets.
 FIELDS = ("image", "label", "source", "mask")
 
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_JPEG_SIGNATURE = b"\xff\xd8\xff"
-_GIF_SIGNATURE = b"GIF8"
-# 16-bit -> 8-bit: round(value / 257) maps 0..65535 onto 0..255 and 257 * v back onto v.
-_SIXTEEN_BIT_DIVISOR = 257
+_GIF_SIGNATURE = GIF_SIGNATURES[0][:4]  # "GIF8", both versions
+# Files reaching the pipeline were size-checked by the readers already.
+_NO_PIXEL_LIMIT = 1 << 62
+# Byte offset of a PNG's bit depth: signature (8), IHDR length and type (8), width, height (8).
+_PNG_BIT_DEPTH_OFFSET = 24
+# EXIF lives in a JPEG's APP1 segment (at most 64 KiB) near the start of the file: "Exif\0\0",
+# then a TIFF header (byte order "II" or "MM", 42, offset of IFD0) and IFD0's 12-byte entries.
+_EXIF_MARKER = b"Exif\x00\x00"
+_EXIF_SCAN_BYTES = 1 << 17
+_EXIF_MAX_ENTRIES = 128
+_ORIENTATION_TAG = 0x0112
 
 
 def _to_rgb(image: tf.Tensor) -> tf.Tensor:
@@ -50,13 +58,83 @@ def _to_rgb(image: tf.Tensor) -> tf.Tensor:
     return tf.gather(image, channel_indices, axis=-1)
 
 
+def exif_orientation(encoded: tf.Tensor) -> tf.Tensor:
+    """The EXIF orientation (1..8) of JPEG bytes, read with core TensorFlow ops; 1 when absent.
+
+    1 is upright; 2..8 are the mirrorings and quarter turns of the EXIF / TIFF standard (tag
+    0x0112 in IFD0), e.g. 6 for a phone held upright whose sensor was turned. Anything unreadable
+    (no EXIF, a damaged one, a value outside 1..8, not a JPEG) counts as 1.
+
+    Args:
+        encoded: scalar tf.string, the file contents.
+
+    Returns:
+        int32 scalar.
+    """
+    encoded = tf.convert_to_tensor(encoded, dtype=tf.string)
+    is_jpeg = tf.equal(tf.strings.substr(encoded, 0, len(JPEG_SIGNATURE)), JPEG_SIGNATURE)
+    parts = tf.strings.split(tf.strings.substr(encoded, 0, _EXIF_SCAN_BYTES), sep=_EXIF_MARKER,
+                             maxsplit=1)
+    found = tf.logical_and(is_jpeg, tf.equal(tf.size(parts), 2))
+    tiff = tf.where(found, parts[-1], b"")
+    # Zero-padded to a fixed length, so every read below is in range.
+    padded = tf.strings.substr(tf.strings.join([tiff, tf.constant(b"\0" * _EXIF_SCAN_BYTES)]),
+                               0, _EXIF_SCAN_BYTES)
+    data = tf.cast(tf.io.decode_raw(padded, tf.uint8), tf.int64)
+    big_endian = tf.reduce_all(tf.equal(data[:2], ord("M")))
+    little_endian = tf.reduce_all(tf.equal(data[:2], ord("I")))
+
+    def read(offsets, size):
+        """Unsigned integers of `size` bytes at `offsets` (any shape), in the file's byte order."""
+        offsets = tf.convert_to_tensor(offsets, tf.int64)
+        positions = tf.clip_by_value(offsets[..., None] + tf.range(size, dtype=tf.int64), 0,
+                                     _EXIF_SCAN_BYTES - 1)
+        values = tf.gather(data, positions)
+        weights = 256 ** tf.range(size, dtype=tf.int64)
+        weights = tf.where(big_endian, tf.reverse(weights, [0]), weights)
+        return tf.reduce_sum(values * weights, axis=-1)
+
+    first_directory = read(4, 4)
+    count = read(first_directory, 2)
+    entries = first_directory + 2 + 12 * tf.range(_EXIF_MAX_ENTRIES, dtype=tf.int64)
+    is_orientation = tf.logical_and(tf.range(_EXIF_MAX_ENTRIES, dtype=tf.int64) < count,
+                                    tf.equal(read(entries, 2), _ORIENTATION_TAG))
+    # A SHORT value sits in the first two bytes of the entry's 4-byte value field.
+    values = tf.boolean_mask(read(entries + 8, 2), is_orientation)
+    value = tf.cond(tf.size(values) > 0, lambda: values[0], lambda: tf.constant(1, tf.int64))
+    valid = tf.logical_and(tf.logical_or(big_endian, little_endian),
+                           tf.logical_and(value >= 1, value <= 8))
+    return tf.cast(tf.where(tf.logical_and(found, valid), value, 1), tf.int32)
+
+
+def apply_orientation(image: tf.Tensor, orientation: tf.Tensor) -> tf.Tensor:
+    """Turns an (H, W, C) image upright by its EXIF orientation (1..8), as PIL's
+    `ImageOps.exif_transpose` does."""
+    def transposed():
+        return tf.transpose(image, [1, 0, 2])
+
+    # Reverses and transposes only (tf.image.rot90 adds assertions that upset graph optimizers).
+    branches = [
+        lambda: image,                              # 1: upright
+        lambda: tf.reverse(image, [1]),             # 2: mirrored left-right
+        lambda: tf.reverse(image, [0, 1]),          # 3: turned 180°
+        lambda: tf.reverse(image, [0]),             # 4: mirrored top-bottom
+        transposed,                                 # 5: transposed
+        lambda: tf.reverse(transposed(), [1]),      # 6: turned 90° clockwise
+        lambda: tf.reverse(transposed(), [0, 1]),   # 7: transversed
+        lambda: tf.reverse(transposed(), [0]),      # 8: turned 90° anticlockwise
+    ]
+    return tf.switch_case(tf.clip_by_value(orientation, 1, 8) - 1, branches)
+
+
 def decode_image(encoded: tf.Tensor) -> tf.Tensor:
-    """Decodes PNG, JPEG, BMP or GIF bytes into a uint8 RGB image.
+    """Decodes PNG, JPEG or GIF bytes into an upright uint8 RGB image.
 
     Grayscale is repeated to RGB and an alpha channel dropped. 16-bit PNGs (X-rays) are mapped
-    onto 8 bits by round(value / 257), so 65535 -> 255 and the full 16-bit range is kept. GIFs
-    give their first frame. BMP support is TensorFlow's: 24/32-bit and 8-bit grayscale, not
-    palette or 1-bit BMPs. Only core TensorFlow ops are used (SavedModel-safe).
+    onto 8 bits by round(value / 257), so 65535 -> 255 and the full 16-bit range is kept. A JPEG's
+    EXIF orientation is applied (`exif_orientation`); CMYK JPEGs become RGB. GIFs give their
+    first frame. Only core TensorFlow ops are used (SavedModel-safe). Other formats:
+    `tfmir.images.decode_rgb` (PIL, pydicom) by the same rules, as `read_image_file` does.
 
     Args:
         encoded: scalar tf.string, the file contents.
@@ -73,39 +151,43 @@ def decode_image(encoded: tf.Tensor) -> tf.Tensor:
     encoded = tf.convert_to_tensor(encoded, dtype=tf.string)
 
     def from_png():
-        # decode_png with dtype=uint16 returns 8-bit PNGs multiplied by 257, 16-bit ones as they
-        # are; one rounding division then serves both.
-        wide = tf.cast(tf.io.decode_png(encoded, channels=0, dtype=tf.uint16), tf.int32)
-        return tf.cast((wide + _SIXTEEN_BIT_DIVISOR // 2) // _SIXTEEN_BIT_DIVISOR, tf.uint8)
+        bit_depth = tf.io.decode_raw(tf.strings.substr(encoded, _PNG_BIT_DEPTH_OFFSET, 1),
+                                     tf.uint8)
+
+        def sixteen_bits():
+            # One rounding division of the 16-bit values.
+            wide = tf.cast(tf.io.decode_png(encoded, channels=0, dtype=tf.uint16), tf.int32)
+            return tf.cast((wide + SIXTEEN_BIT_DIVISOR // 2) // SIXTEEN_BIT_DIVISOR, tf.uint8)
+
+        def eight_bits():  # a quarter of the memory of the 16-bit path, the same pixels
+            return tf.io.decode_png(encoded, channels=0, dtype=tf.uint8)
+
+        return tf.cond(tf.reduce_all(tf.equal(bit_depth, 16)), sixteen_bits, eight_bits)
 
     def from_other():
-        return tf.io.decode_image(encoded, channels=0, dtype=tf.uint8, expand_animations=False)
+        image = tf.io.decode_image(encoded, channels=0, dtype=tf.uint8, expand_animations=False)
+        return apply_orientation(image, exif_orientation(encoded))
 
-    is_png = tf.equal(tf.strings.substr(encoded, 0, len(_PNG_SIGNATURE)), _PNG_SIGNATURE)
+    is_png = tf.equal(tf.strings.substr(encoded, 0, len(PNG_SIGNATURE)), PNG_SIGNATURE)
     image = tf.cond(is_png, from_png, from_other)
     image = _to_rgb(image)
     image.set_shape([None, None, 3])
     return image
 
 
-def _pil_decode(contents: bytes) -> np.ndarray:
-    """PIL decoder for what TensorFlow cannot decode (TIFF, palette or 1-bit BMP, ...)."""
-    with Image.open(io.BytesIO(contents)) as image:
-        if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-            pixels = np.asarray(image, dtype=np.int64)
-            pixels = np.clip((pixels + _SIXTEEN_BIT_DIVISOR // 2) // _SIXTEEN_BIT_DIVISOR, 0, 255)
-            return np.repeat(pixels.astype(np.uint8)[..., None], 3, axis=-1)
-        if image.mode == "F":
-            pixels = np.clip(np.rint(np.asarray(image)), 0, 255).astype(np.uint8)
-            return np.repeat(pixels[..., None], 3, axis=-1)
-        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+def _decode_rgb(contents) -> np.ndarray:
+    # tf.numpy_function passes a scalar string as a 0-d object array.
+    contents = contents.item() if isinstance(contents, np.ndarray) else contents
+    return decode_rgb(contents, max_image_pixels=_NO_PIXEL_LIMIT)
 
 
 def read_image_file(path: tf.Tensor) -> tf.Tensor:
-    """Reads and decodes one image file into uint8 (H, W, 3).
+    """Reads and decodes one image file into uint8 (H, W, 3), upright.
 
-    PNG, JPEG and GIF go through `decode_image`; other formats PIL can read (BMP, TIFF, ...) go
-    through PIL in a `tf.numpy_function` (fine in a training pipeline, not for a SavedModel).
+    PNG, JPEG and GIF go through `decode_image`; other formats (BMP, TIFF, DICOM, ...) through
+    `tfmir.images.decode_rgb` in a `tf.numpy_function` (fine in a training pipeline, not for a
+    SavedModel). The readers (`load_image_folder`, `load_csv_manifest`) have already checked
+    every file's size from its header.
 
     Args:
         path: scalar tf.string.
@@ -115,16 +197,16 @@ def read_image_file(path: tf.Tensor) -> tf.Tensor:
     """
     contents = tf.io.read_file(path)
     native = tf.logical_or(
-        tf.equal(tf.strings.substr(contents, 0, len(_PNG_SIGNATURE)), _PNG_SIGNATURE),
+        tf.equal(tf.strings.substr(contents, 0, len(PNG_SIGNATURE)), PNG_SIGNATURE),
         tf.logical_or(
-            tf.equal(tf.strings.substr(contents, 0, len(_JPEG_SIGNATURE)), _JPEG_SIGNATURE),
+            tf.equal(tf.strings.substr(contents, 0, len(JPEG_SIGNATURE)), JPEG_SIGNATURE),
             tf.equal(tf.strings.substr(contents, 0, len(_GIF_SIGNATURE)), _GIF_SIGNATURE)))
 
-    def with_pil():
-        image = tf.numpy_function(_pil_decode, [contents], tf.uint8, stateful=False)
+    def with_python():
+        image = tf.numpy_function(_decode_rgb, [contents], tf.uint8, stateful=False)
         return tf.ensure_shape(image, [None, None, 3])
 
-    image = tf.cond(native, lambda: decode_image(contents), with_pil)
+    image = tf.cond(native, lambda: decode_image(contents), with_python)
     image.set_shape([None, None, 3])
     return image
 
@@ -272,7 +354,7 @@ def _read_mask_file(path: tf.Tensor) -> tf.Tensor:
     through PIL.
     """
     contents = tf.io.read_file(path)
-    is_png = tf.equal(tf.strings.substr(contents, 0, len(_PNG_SIGNATURE)), _PNG_SIGNATURE)
+    is_png = tf.equal(tf.strings.substr(contents, 0, len(PNG_SIGNATURE)), PNG_SIGNATURE)
 
     def from_png():
         # uint16 keeps a 16-bit mask's 1s (an 8-bit decode would round them down to 0).

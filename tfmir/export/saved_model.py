@@ -3,11 +3,14 @@
 The export holds two signatures built from core TensorFlow ops only (no `tf.py_function`, no
 Keras), so stock TF Serving loads it unchanged and a consumer needs neither tfmir nor Keras:
 
-- `serving_default(images)`: a batch of encoded JPEG or PNG files (tf.string, shape [None]) ->
-  `{"embedding": float32 [None, D]}`. Each image is checked (empty bytes, unknown format, more
-  than `max_image_pixels` pixels according to its header), decoded with
-  `tfmir.data.decode_image` (grayscale and 16-bit PNGs included) and preprocessed exactly as in
-  evaluation (`preprocess_image(training=False)`: resize, central crop).
+- `serving_default(images)`: a batch of encoded PNG, JPEG or GIF files (tf.string, shape [None])
+  -> `{"embedding": float32 [None, D]}`. Each image is checked (empty bytes, unknown format, more
+  than `max_image_pixels` pixels or a side under `tfmir.images.MIN_IMAGE_SIDE` according to its
+  header), decoded with `tfmir.data.decode_image` (grayscale and 16-bit PNGs, CMYK JPEGs, a
+  JPEG's EXIF orientation, a GIF's first frame) and preprocessed exactly as in evaluation
+  (`preprocess_image(training=False)`: resize, central crop). Other formats (BMP, TIFF, DICOM)
+  go in as PNG: `tfmir.images.graph_bytes` converts them, as `tfmir serve` and `tfmir search`
+  do.
 - `embed_pixels(pixels)`: float32 pixels in [0, 255], shape [None, None, None, 3] (one batch of
   equally sized RGB images) -> the same preprocessing -> `{"embedding"}`.
 
@@ -39,8 +42,8 @@ import tensorflow as tf
 import tfmir
 from tfmir.data.pipeline import decode_image, preprocess_image
 from tfmir.files import atomic_directory
-from tfmir.image_limits import DEFAULT_MAX_IMAGE_PIXELS, MIN_IMAGE_SIDE
-from tfmir.serving.backends import JPEG_SIGNATURE, PNG_SIGNATURE
+from tfmir.images import (DEFAULT_MAX_IMAGE_PIXELS, GIF_SIGNATURES, JPEG_SIGNATURE, MIN_IMAGE_SIDE,
+                          PNG_SIGNATURE)
 
 SERVING_SIGNATURE = "serving_default"
 PIXELS_SIGNATURE = "embed_pixels"
@@ -54,6 +57,10 @@ EXPORT_FORMAT_VERSION = 1
 _IHDR_TYPE_OFFSET = 12
 _IHDR_SIZE_OFFSET = 16
 _PNG_MIN_LENGTH = 33
+# GIF: 6-byte signature, then the logical screen's width and height, little-endian 16-bit; every
+# frame TensorFlow decodes has that size.
+_GIF_SIZE_OFFSET = 6
+_GIF_MIN_LENGTH = 13
 
 
 def model_fingerprint(model) -> str:
@@ -91,12 +98,12 @@ _compute_fingerprint = model_fingerprint
 
 
 def _image_shape(encoded: tf.Tensor, max_image_pixels: int) -> tf.Tensor:
-    """Reads (height, width) from a JPEG or PNG header, refusing what must not be decoded.
+    """Reads (height, width) from a PNG, JPEG or GIF header, refusing what must not be decoded.
 
-    Raises InvalidArgumentError (at run time) for empty bytes, bytes that are neither JPEG nor PNG,
-    a truncated PNG header, images of more than `max_image_pixels` pixels (a decompression bomb
-    is a small file whose header promises a huge image, so only the header is read here) and
-    images with a side under `MIN_IMAGE_SIDE`.
+    Raises InvalidArgumentError (at run time) for empty bytes, bytes of another format, a
+    truncated PNG or GIF header, images of more than `max_image_pixels` pixels (a decompression
+    bomb is a small file whose header promises a huge image, so only the header is read here) and
+    images with a side under `MIN_IMAGE_SIDE` — the rules of `tfmir.images`.
     """
     length = tf.strings.length(encoded)
     not_empty = tf.debugging.assert_positive(
@@ -104,9 +111,12 @@ def _image_shape(encoded: tf.Tensor, max_image_pixels: int) -> tf.Tensor:
     with tf.control_dependencies([not_empty]):
         is_png = tf.equal(tf.strings.substr(encoded, 0, len(PNG_SIGNATURE)), PNG_SIGNATURE)
         is_jpeg = tf.equal(tf.strings.substr(encoded, 0, len(JPEG_SIGNATURE)), JPEG_SIGNATURE)
+        signature = tf.strings.substr(encoded, 0, len(GIF_SIGNATURES[0]))
+        is_gif = tf.reduce_any(tf.equal(signature, GIF_SIGNATURES))
     known_format = tf.debugging.assert_equal(
-        tf.logical_or(is_png, is_jpeg), True,
-        message="image bytes are neither JPEG nor PNG (unknown file signature)")
+        tf.reduce_any(tf.stack([is_png, is_jpeg, is_gif])), True,
+        message="image bytes are neither PNG, JPEG nor GIF (unknown file signature; other "
+                "formats are converted to PNG by tfmir.images.graph_bytes)")
 
     def png_shape():
         long_enough = tf.debugging.assert_greater_equal(
@@ -124,11 +134,20 @@ def _image_shape(encoded: tf.Tensor, max_image_pixels: int) -> tf.Tensor:
         with tf.control_dependencies([valid]):
             return tf.cast(tf.reverse(width_height, axis=[0]), tf.int64)
 
+    def gif_shape():
+        long_enough = tf.debugging.assert_greater_equal(
+            length, _GIF_MIN_LENGTH, message="GIF bytes are truncated before the end of the header")
+        with tf.control_dependencies([long_enough]):
+            width_height = tf.io.decode_raw(tf.strings.substr(encoded, _GIF_SIZE_OFFSET, 4),
+                                            tf.uint16, little_endian=True)
+        return tf.cast(tf.reverse(width_height, axis=[0]), tf.int64)
+
     def jpeg_shape():
         return tf.cast(tf.image.extract_jpeg_shape(encoded)[:2], tf.int64)
 
     with tf.control_dependencies([known_format]):
-        height_width = tf.cond(is_png, png_shape, jpeg_shape)
+        height_width = tf.case([(is_png, png_shape), (is_gif, gif_shape)], default=jpeg_shape,
+                               exclusive=True)
     small_enough = tf.debugging.assert_less_equal(
         height_width[0] * height_width[1], tf.constant(max_image_pixels, tf.int64),
         message=f"image is larger than max_image_pixels={max_image_pixels} (height × width, read "

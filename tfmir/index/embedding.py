@@ -8,7 +8,8 @@ manifest and checked when it is searched.
 
 - SavedModel: images on disk go through `serving_default` as file bytes (the same path as TF
   Serving and `tfmir serve`: header checks, decode, resize, centre crop inside the graph); files
-  that are neither JPEG nor PNG are re-encoded as PNG with PIL first. In-memory images (MedMNIST)
+  in formats other than PNG, JPEG and GIF are re-encoded as PNG first
+  (`tfmir.images.graph_bytes`). In-memory images (MedMNIST)
   go through `embed_pixels`. The fingerprint is read from `assets.extra/export_info.json`, so it
   is known without loading the graph.
 - `.keras`: `tfmir.training.embed_examples` with the resize side from `config.json` beside the
@@ -16,8 +17,14 @@ manifest and checked when it is searched.
 
 `embed_in_shards` embeds rows in shards of `shard_size`, each written atomically as
 `<directory>/shard-00000.npz` (its embeddings and its rows' ids) next to a `manifest.json` that
-records the model fingerprint, the query preprocessing, the shard size and the row count. Run again after an interruption
-and the shards whose ids still match (under the same fingerprint and shard size) are reused.
+records the job: the model fingerprint, the query preprocessing, the shard size, the row count and
+a digest of the ids. Run again after an interruption and the finished shards are reused; a folder
+that holds another job's shards is refused (or discarded, with `overwrite=True`).
+
+Across workers: `embed_worker_shards` embeds one worker's share (shard n belongs to worker
+n % num_workers) into a folder that several processes share, and `read_shards` gathers every
+shard once all are finished. The workers agree on one manifest (the first writes it; one whose
+job differs is refused and deletes nothing); each holds a lock on its own share only.
 
 Example:
 
@@ -30,23 +37,23 @@ vectors = embed_in_shards(embed, [examples], "archive_index.shards", fingerprint
 
 from __future__ import annotations
 
-import io
 import json
 import os
+import secrets
 import shutil
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 from absl import logging
 
 from tfmir.data import Examples
-from tfmir.files import write_atomic, write_json
+from tfmir.files import (LOCK_SUFFIX, TEMPORARY_MARKER, LockedError, exclusive_lock,
+                         write_atomic, write_json)
 
 CONFIG_FILE = "config.json"
 SHARD_MANIFEST_FILE = "manifest.json"
 SHARD_FORMAT_VERSION = 1
-_NATIVE_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")
 
 
 class EmbeddingFunction:
@@ -90,16 +97,12 @@ def read_resize_size(checkpoint_path: str, resize_size: int | None = None) -> in
 
 
 def _encoded_file(path: str) -> bytes:
-    with open(path, "rb") as stream:
-        contents = stream.read()
-    if contents.startswith(_NATIVE_SIGNATURES):
-        return contents
-    from PIL import Image  # BMP, TIFF, GIF, ...: the serving signature reads JPEG and PNG only
+    """The file's bytes as `serving_default` takes them (other formats converted to PNG)."""
+    from tfmir.images import graph_bytes
 
-    with Image.open(io.BytesIO(contents)) as image:
-        buffer = io.BytesIO()
-        image.convert("RGB").save(buffer, format="PNG")
-    return buffer.getvalue()
+    with open(path, "rb") as stream:
+        # The readers checked every file's size from its header already.
+        return graph_bytes(stream.read(), max_image_pixels=1 << 62)
 
 
 def _saved_model_function(path: str) -> EmbeddingFunction:
@@ -204,6 +207,105 @@ def shard_path(directory: str | os.PathLike, number: int) -> str:
     return os.path.join(os.fspath(directory), f"shard-{number:05d}.npz")
 
 
+def worker_shard_numbers(num_shards: int, num_workers: int, worker_index: int) -> range:
+    """The shards that worker `worker_index` of `num_workers` embeds.
+
+    Every `num_workers`-th shard starting at `worker_index`, as `tf.data.Dataset.shard` deals out
+    elements: the shard numbered n belongs to worker n % num_workers. Dealing shards out in turn
+    gives each worker its share of every part of the data (in-memory MedMNIST rows embed far
+    faster than files on disk), and the worker that owes a missing shard follows from its number.
+    """
+    return range(worker_index, num_shards, num_workers)
+
+
+def number_ranges(numbers: Sequence[int], limit: int = 20) -> str:
+    """Sorted numbers as runs, "0-3, 6, 9-10"; after `limit` runs, how many numbers are left."""
+    runs = []
+    for number in sorted(numbers):
+        if runs and number == runs[-1][1] + 1:
+            runs[-1][1] = number
+        else:
+            runs.append([number, number])
+    text = ", ".join(str(first) if first == last else f"{first}-{last}"
+                     for first, last in runs[:limit])
+    left = sum(last - first + 1 for first, last in runs[limit:])
+    return text + (f" and {left} more" if left else "")
+
+
+class ShardMismatchError(ValueError):
+    """The shard folder holds another job's shards: another model, preprocessing, shard size or
+    data (the difference is named)."""
+
+
+class MissingShardsError(ValueError):
+    """Some shards are not finished: `numbers` lists them, out of `num_shards`."""
+
+    def __init__(self, directory: str, numbers: Sequence[int], num_shards: int):
+        self.directory = directory
+        self.numbers = sorted(numbers)
+        self.num_shards = num_shards
+        noun = "shard" if len(self.numbers) == 1 else "shards"
+        super().__init__(f"{len(self.numbers)} of the {num_shards} shards in {directory} are "
+                         f"missing or unreadable: {noun} {number_ranges(self.numbers)}")
+
+
+class _ShardJob:
+    """The rows of `parts` cut into shards of `shard_size` rows, and the manifest naming the job."""
+
+    def __init__(self, parts: Sequence[Examples], directory: str | os.PathLike, *,
+                 fingerprint: str, preprocessing: dict | None, shard_size: int):
+        if int(shard_size) != shard_size or shard_size < 1:
+            raise ValueError(f"shard_size must be a positive integer. Received: {shard_size!r}")
+        self.parts = list(parts)
+        self.ids = (np.concatenate([part.ids for part in self.parts]).astype(str) if self.parts
+                    else np.array([], str))
+        if len(self.ids) == 0:
+            raise ValueError("nothing to embed: the data holds no items.")
+        self.directory = os.fspath(directory)
+        self.shard_size = int(shard_size)
+        self.num_shards = -(-len(self.ids) // self.shard_size)
+        self.starts = np.cumsum([0] + [len(part) for part in self.parts])
+        # Through JSON, as it is read back from disk (tuples become lists).
+        self.manifest = json.loads(json.dumps({
+            "format_version": SHARD_FORMAT_VERSION, "model_fingerprint": fingerprint,
+            "preprocessing": preprocessing, "shard_size": self.shard_size,
+            "count": int(len(self.ids)), "ids_sha256": _digest(self.ids)}))
+
+    def rows(self, number: int) -> tuple[int, int]:
+        start = number * self.shard_size
+        return start, min(start + self.shard_size, len(self.ids))
+
+    def read(self, number: int) -> np.ndarray | None:
+        """The finished shard's embeddings; None when it is missing or holds other rows."""
+        path = shard_path(self.directory, number)
+        start, stop = self.rows(number)
+        return _read_shard(path, self.ids[start:stop]) if os.path.isfile(path) else None
+
+    def embed(self, number: int, embed: Callable[[Examples], np.ndarray], batch_size: int,
+              bar) -> np.ndarray:
+        """Embeds the shard's rows `batch_size` at a time and writes the shard atomically."""
+        start, stop = self.rows(number)
+        batches = []
+        for batch_start in range(start, stop, batch_size):
+            batch_stop = min(batch_start + batch_size, stop)
+            batches.append(self._embed_rows(embed, batch_start, batch_stop))
+            if bar is not None:
+                bar.add(batch_stop - batch_start)
+        embeddings = np.concatenate(batches)
+        ids = self.ids[start:stop]
+        write_atomic(shard_path(self.directory, number),
+                     lambda stream: np.savez(stream, ids=ids, embeddings=embeddings))
+        return embeddings
+
+    def _embed_rows(self, embed, start: int, stop: int) -> np.ndarray:
+        pieces = []
+        for part, offset in zip(self.parts, self.starts[:-1]):
+            low, high = max(start - offset, 0), min(stop - offset, len(part))
+            if low < high:
+                pieces.append(np.asarray(embed(part.subset(np.arange(low, high))), np.float32))
+        return np.concatenate(pieces)
+
+
 def _read_shard(path: str, expected_ids: np.ndarray) -> np.ndarray | None:
     """The shard's embeddings when it holds exactly `expected_ids`, else None."""
     try:
@@ -218,29 +320,130 @@ def _read_shard(path: str, expected_ids: np.ndarray) -> np.ndarray | None:
     return embeddings.astype(np.float32)
 
 
-def _prepare_directory(directory: str, manifest: dict) -> None:
-    """Keeps the shards of the same job; clears those of another model, preprocessing or shard
-    size."""
-    path = os.path.join(directory, SHARD_MANIFEST_FILE)
-    if os.path.isfile(path):
-        try:
-            with open(path) as stream:
-                previous = json.load(stream)
-        except (OSError, ValueError):
-            previous = None
-        if previous == manifest:
-            return
-        logging.warning("discarding the shards in %s: they were written by another model, shard "
-                        "size or dataset (%s)", directory, previous)
-        shutil.rmtree(directory)
-    os.makedirs(directory, exist_ok=True)
-    write_json(path, manifest)
+def _read_manifest(path: str) -> dict | None:
+    """The shard folder's manifest; None when there is none yet."""
+    try:
+        with open(path) as stream:
+            manifest = json.load(stream)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as error:
+        return {"unreadable": f"{type(error).__name__}: {error}"}
+    return manifest if isinstance(manifest, dict) else {"unreadable": "not a JSON object"}
+
+
+def _create_manifest(path: str, manifest: dict) -> dict:
+    """Writes `manifest` unless one is there already; returns the one on disk.
+
+    Workers that start together race to write it: a hard link creates the name only if it does
+    not exist, and only with complete contents, so the first wins and the others compare theirs
+    with it (a plain rename would let the last one win after the first had started).
+    """
+    directory = os.path.dirname(path)
+    staged = os.path.join(directory, f".{SHARD_MANIFEST_FILE}{TEMPORARY_MARKER}"
+                                     f"{os.getpid()}-{secrets.token_hex(4)}")
+    write_json(staged, manifest)
+    try:
+        os.link(staged, path)
+    except FileExistsError:
+        pass
+    finally:
+        os.remove(staged)
+    return _read_manifest(path)
+
+
+_MANIFEST_NAMES = {"model_fingerprint": "model fingerprint", "shard_size": "shard size",
+                   "count": "item count", "ids_sha256": "item ids (sha256)",
+                   "format_version": "format version"}
+
+
+def _mismatch_message(directory: str, found: dict, expected: dict) -> str:
+    if "unreadable" in found:
+        return f"{directory} holds shards under an unreadable {SHARD_MANIFEST_FILE} " \
+               f"({found['unreadable']})"
+    differences = [f"{_MANIFEST_NAMES.get(key, key)} {found.get(key)!r} there, "
+                   f"{expected.get(key)!r} here"
+                   for key in sorted(set(found) | set(expected))
+                   if found.get(key) != expected.get(key)]
+    return f"{directory} holds the shards of another job ({'; '.join(differences)})"
+
+
+def _worker_lock(directory: str, num_workers: int, worker_index: int) -> str:
+    return os.path.join(directory, f"worker-{worker_index:05d}-of-{num_workers:05d}")
+
+
+def _busy_workers(directory: str) -> list[str]:
+    """The workers (by lock name) that hold their lock in `directory` now."""
+    busy = []
+    for name in sorted(os.listdir(directory)):
+        if name.startswith("worker-") and name.endswith(LOCK_SUFFIX):
+            try:
+                with exclusive_lock(os.path.join(directory, name[:-len(LOCK_SUFFIX)]), "worker"):
+                    pass
+            except LockedError:
+                busy.append(name[:-len(LOCK_SUFFIX)])
+    return busy
+
+
+def _agree_on_manifest(job: _ShardJob, *, overwrite: bool) -> None:
+    """Makes the job's manifest the shard folder's, or checks that it is already.
+
+    Another job's shards are refused; with `overwrite` they are discarded instead, unless a
+    worker is still writing into the folder.
+    """
+    path = os.path.join(job.directory, SHARD_MANIFEST_FILE)
+    found = _read_manifest(path)
+    if found is None:
+        found = _create_manifest(path, job.manifest)
+    if found == job.manifest:
+        return
+    message = _mismatch_message(job.directory, found, job.manifest)
+    if not overwrite:
+        raise ShardMismatchError(message)
+    busy = _busy_workers(job.directory)
+    if busy:
+        raise ShardMismatchError(f"{message}, and {', '.join(busy)} still writes into it")
+    logging.warning("discarding the shards in %s: %s", job.directory, message)
+    shutil.rmtree(job.directory)
+    found = _create_manifest(path, job.manifest)
+    if found != job.manifest:  # a worker of another job started in between
+        raise ShardMismatchError(_mismatch_message(job.directory, found, job.manifest))
+
+
+def _embedded_shards(job: _ShardJob, numbers: Sequence[int],
+                     embed: Callable[[Examples], np.ndarray], batch_size: int,
+                     progress: bool) -> Iterator[tuple[int, np.ndarray, bool]]:
+    """(number, embeddings, whether it was reused) for each shard of `numbers`, in order."""
+    bar = None
+    if progress and len(numbers):
+        import keras
+
+        bar = keras.utils.Progbar(sum(stop - start for start, stop in map(job.rows, numbers)),
+                                  unit_name="image")
+    reused = 0
+    for number in numbers:
+        embeddings = job.read(number)
+        if embeddings is None:
+            yield number, job.embed(number, embed, int(batch_size), bar), False
+            continue
+        reused += 1
+        if bar is not None:
+            bar.add(len(embeddings))
+        yield number, embeddings, True
+    if reused:
+        logging.info("reused %d of %d finished shards in %s", reused, len(numbers), job.directory)
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if int(batch_size) != batch_size or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer. Received: {batch_size!r}")
 
 
 def embed_in_shards(embed: Callable[[Examples], np.ndarray], parts: Sequence[Examples],
                     directory: str | os.PathLike, *, fingerprint: str,
                     preprocessing: dict | None = None, shard_size: int = 4096,
-                    batch_size: int = 256, progress: bool = True) -> np.ndarray:
+                    batch_size: int = 256, progress: bool = True,
+                    overwrite: bool = False) -> np.ndarray:
     """Embeds the rows of `parts` (in order) shard by shard, reusing shards already on disk.
 
     Args:
@@ -248,69 +451,115 @@ def embed_in_shards(embed: Callable[[Examples], np.ndarray], parts: Sequence[Exa
             called on at most `batch_size` rows at a time.
         parts: the items; their rows are numbered in order across the parts. Ids must be unique.
         directory: the shard folder (created; `<index>.shards` by convention).
-        fingerprint: the model's fingerprint; shards of another model are discarded.
-        preprocessing: the query preprocessing (`EmbeddingFunction.preprocessing`); shards
-            embedded with another one are discarded too.
+        fingerprint: the model's fingerprint, recorded in the folder's manifest.
+        preprocessing: the query preprocessing (`EmbeddingFunction.preprocessing`), recorded
+            beside it.
         shard_size: rows per shard file.
         batch_size: rows per `embed` call.
         progress: show a progress bar.
+        overwrite: discard the shards of another job (another model, preprocessing, shard size
+            or data) instead of refusing them; still refused while a worker writes into them.
 
     Returns:
         float32 (total rows, D) embeddings. The shard folder is left in place; delete it once the
         index is saved.
+
+    Raises:
+        ShardMismatchError: the folder holds the shards of another job (and not `overwrite`).
     """
-    if int(shard_size) != shard_size or shard_size < 1:
-        raise ValueError(f"shard_size must be a positive integer. Received: {shard_size!r}")
-    if int(batch_size) != batch_size or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer. Received: {batch_size!r}")
-    parts = list(parts)
-    ids = np.concatenate([part.ids for part in parts]).astype(str) if parts else np.array([], str)
-    if len(ids) == 0:
-        raise ValueError("nothing to embed: the data holds no items.")
-    directory = os.fspath(directory)
-    ids_digest = _digest(ids)
-    _prepare_directory(directory, {"format_version": SHARD_FORMAT_VERSION,
-                                   "model_fingerprint": fingerprint, "preprocessing": preprocessing,
-                                   "shard_size": int(shard_size),
-                                   "count": int(len(ids)), "ids_sha256": ids_digest})
-    starts = np.cumsum([0] + [len(part) for part in parts])
+    _check_batch_size(batch_size)
+    job = _ShardJob(parts, directory, fingerprint=fingerprint, preprocessing=preprocessing,
+                    shard_size=shard_size)
+    _agree_on_manifest(job, overwrite=overwrite)
+    return np.concatenate([embeddings for _, embeddings, _ in _embedded_shards(
+        job, range(job.num_shards), embed, batch_size, progress)])
 
-    def embed_rows(start: int, stop: int) -> np.ndarray:
-        pieces = []
-        for part, offset in zip(parts, starts[:-1]):
-            low, high = max(start - offset, 0), min(stop - offset, len(part))
-            if low < high:
-                pieces.append(np.asarray(embed(part.subset(np.arange(low, high))), np.float32))
-        return np.concatenate(pieces)
 
-    bar = None
-    if progress:
-        import keras
+def embed_worker_shards(embed: Callable[[Examples], np.ndarray], parts: Sequence[Examples],
+                        directory: str | os.PathLike, *, num_workers: int, worker_index: int,
+                        fingerprint: str, preprocessing: dict | None = None,
+                        shard_size: int = 4096, batch_size: int = 256,
+                        progress: bool = True) -> tuple[list[int], list[int]]:
+    """Embeds one worker's share of the shards that `embed_in_shards` would write.
 
-        bar = keras.utils.Progbar(len(ids), unit_name="image")
-    shards, reused = [], 0
-    for number, start in enumerate(range(0, len(ids), shard_size)):
-        stop = min(start + shard_size, len(ids))
-        path = shard_path(directory, number)
-        embeddings = _read_shard(path, ids[start:stop]) if os.path.isfile(path) else None
-        if embeddings is not None:
-            reused += 1
-            if bar is not None:
-                bar.add(stop - start)
-        else:
-            batches = []
-            for batch_start in range(start, stop, batch_size):
-                batch_stop = min(batch_start + batch_size, stop)
-                batches.append(embed_rows(batch_start, batch_stop))
-                if bar is not None:
-                    bar.add(batch_stop - batch_start)
-            embeddings = np.concatenate(batches)
-            shard_ids = ids[start:stop]
-            write_atomic(path, lambda stream: np.savez(stream, ids=shard_ids,
-                                                       embeddings=embeddings))
-        shards.append(embeddings)
-    if reused:
-        logging.info("reused %d of %d finished shards in %s", reused, len(shards), directory)
+    Independent processes, on machines that share `directory`, each embed the shards of
+    `worker_shard_numbers(num_shards, num_workers, worker_index)`; `read_shards` then gathers
+    them all. Every worker must be given the same parts, fingerprint, preprocessing and shard
+    size: the first to start writes the folder's manifest, and a worker whose job differs is
+    refused before it embeds anything, leaving the others' shards alone. Finished shards are
+    reused, as by `embed_in_shards`. A second process for the same worker is refused while the
+    first runs (a lock on `<directory>/worker-IIIII-of-NNNNN.lock`).
+
+    Args:
+        embed, parts, directory, fingerprint, preprocessing, shard_size, batch_size, progress:
+            as for `embed_in_shards`.
+        num_workers: how many workers share the shards (at least 1).
+        worker_index: this worker's index, in [0, num_workers).
+
+    Returns:
+        (the numbers of the shards embedded now, the numbers of those found finished).
+
+    Raises:
+        ShardMismatchError: the folder holds the shards of another job.
+        tfmir.files.LockedError: another process is this worker already.
+
+    Example:
+
+    ```python
+    embed_worker_shards(embed, [examples], "archive_index.shards", num_workers=4,
+                        worker_index=int(os.environ["WORKER"]), fingerprint=embed.fingerprint,
+                        preprocessing=embed.preprocessing)
+    ```
+    """
+    if int(num_workers) != num_workers or num_workers < 1:
+        raise ValueError(f"num_workers must be a positive integer. Received: {num_workers!r}")
+    if int(worker_index) != worker_index or not 0 <= worker_index < num_workers:
+        raise ValueError(f"worker_index must lie in [0, {num_workers}). Received: "
+                         f"worker_index={worker_index!r}")
+    _check_batch_size(batch_size)
+    job = _ShardJob(parts, directory, fingerprint=fingerprint, preprocessing=preprocessing,
+                    shard_size=shard_size)
+    _agree_on_manifest(job, overwrite=False)
+    lock = _worker_lock(job.directory, num_workers, worker_index)
+    try:
+        with exclusive_lock(lock, "worker"):
+            numbers = worker_shard_numbers(job.num_shards, num_workers, worker_index)
+            embedded, reused = [], []
+            for number, _, was_reused in _embedded_shards(job, numbers, embed, batch_size,
+                                                          progress):
+                (reused if was_reused else embedded).append(number)
+    except LockedError:
+        raise LockedError(f"worker {worker_index} of {num_workers} is already embedding into "
+                          f"{job.directory} (another process holds {lock}{LOCK_SUFFIX}); wait for "
+                          "it to finish.") from None
+    return embedded, reused
+
+
+def read_shards(parts: Sequence[Examples], directory: str | os.PathLike, *, fingerprint: str,
+                preprocessing: dict | None = None, shard_size: int = 4096) -> np.ndarray:
+    """The embeddings of every row of `parts`, from shards finished by `embed_worker_shards`.
+
+    Embeds nothing: the shards must all be there, written for the same parts, fingerprint,
+    preprocessing and shard size.
+
+    Returns:
+        float32 (total rows, D) embeddings, in row order.
+
+    Raises:
+        ShardMismatchError: the folder holds the shards of another job.
+        MissingShardsError: shards are missing or unreadable (its `numbers` lists them).
+    """
+    job = _ShardJob(parts, directory, fingerprint=fingerprint, preprocessing=preprocessing,
+                    shard_size=shard_size)
+    found = _read_manifest(os.path.join(job.directory, SHARD_MANIFEST_FILE))
+    if found is None:  # no worker has started: shards without a manifest are not trusted
+        raise MissingShardsError(job.directory, range(job.num_shards), job.num_shards)
+    if found != job.manifest:
+        raise ShardMismatchError(_mismatch_message(job.directory, found, job.manifest))
+    shards = [job.read(number) for number in range(job.num_shards)]
+    missing = [number for number, embeddings in enumerate(shards) if embeddings is None]
+    if missing:
+        raise MissingShardsError(job.directory, missing, job.num_shards)
     return np.concatenate(shards)
 
 

@@ -3,26 +3,10 @@
 import math
 import numbers
 
+import faiss
 import numpy as np
-import tensorflow as tf
 
 from tfmir.index.base import Index
-
-# Elements of the (queries × items × words) XOR block computed at once when
-# batch_size is automatic: 2**23 uint64 words is 64 MiB.
-_AUTO_BATCH_ELEMENTS = 1 << 23
-
-
-@tf.function(input_signature=[tf.TensorSpec([None, None], tf.uint64),
-                              tf.TensorSpec([None, None], tf.uint64),
-                              tf.TensorSpec([], tf.int32)])
-def _hamming_top_k(queries, codes, k):
-    """The k nearest codes of each query: (distances, rows), equal distances in row order."""
-    differing = tf.raw_ops.PopulationCount(x=tf.bitwise.bitwise_xor(queries[:, None], codes[None]))
-    distances = tf.reduce_sum(tf.cast(differing, tf.int32), axis=2)
-    # top_k puts the lower index first among equal values: ties come in row order.
-    negated, rows = tf.math.top_k(-distances, k=k)
-    return -negated, rows
 
 
 def pack_bits(codes, num_bits: int) -> np.ndarray:
@@ -150,13 +134,18 @@ class HammingIndex(Index):
     """Exact Hamming-distance search over binary codes packed into uint64 words.
 
     Codes are stored packed (`pack_bits`); the distance of a query to every
-    item is the popcount of their XOR, computed on the packed words with
-    TensorFlow's `PopulationCount` on every core — never on floats. Queries are
-    processed in batches, so memory is O(batch_size × len(index)). `add`
-    appends codes; there is nothing to rebuild.
+    item is the popcount of their XOR, computed on the packed words by faiss's
+    exhaustive Hamming k-NN (`faiss.knn_hamming`, the search of faiss
+    `IndexBinaryFlat`, queries spread over every core) — never on floats.
+    Memory is O(batch_size × k) beside the codes. `add` appends codes; there is
+    nothing to rebuild.
 
     Score: the Hamming distance, an integer number of differing bits (lower is
-    better). Equal distances come in row order.
+    better). Equal distances come in row order: faiss scans each query's items
+    in row order and lets a new item into its heap of the k best only at a
+    strictly smaller distance than the worst kept, so among equal distances the
+    lower rows stay, and the heap is sorted by (distance, row) at the end (faiss
+    1.15's code; tests hold it to a NumPy brute force with many ties).
 
     Args:
         metric: `"hamming"`, the only one.
@@ -164,8 +153,9 @@ class HammingIndex(Index):
             not a multiple of 8 are padded with zero bits; the manifest keeps the
             true length as `dimension` (and `num_bits` in the searcher entry).
         model_fingerprint: Identifies the model that made the codes.
-        batch_size: Queries per batch; None picks it so one batch's XOR block
-            stays about 64 MiB.
+        batch_size: Queries per faiss call; None: all of them in one call
+            (fewest passes over the codes; memory O(queries × k), the size of
+            the results).
 
     Example:
 
@@ -248,20 +238,16 @@ class HammingIndex(Index):
         return np.int32
 
     def _search(self, queries, k):
-        codes = self._data
-        if getattr(self, "_codes_source", None) is not codes:  # built, added to or loaded
-            self._codes_tensor, self._codes_source = tf.constant(codes), codes
-        num_items, num_words = codes.shape
-        batch_size = self.settings["batch_size"] or max(
-            1, _AUTO_BATCH_ELEMENTS // (num_items * num_words)
-        )
+        # faiss counts bits over bytes: the packed words are read as their 8 bytes each.
+        codes = self._data.view(np.uint8)
+        queries = np.ascontiguousarray(queries).view(np.uint8)
         num_queries = queries.shape[0]
+        batch_size = self.settings["batch_size"] or num_queries
         all_distances = np.empty((num_queries, k), dtype=np.int32)
         all_rows = np.empty((num_queries, k), dtype=np.int64)
         for start in range(0, num_queries, batch_size):
             stop = min(start + batch_size, num_queries)
-            distances, rows = _hamming_top_k(tf.constant(queries[start:stop]),
-                                             self._codes_tensor, tf.constant(k, tf.int32))
-            all_distances[start:stop] = distances.numpy()
-            all_rows[start:stop] = rows.numpy()
+            all_distances[start:stop], all_rows[start:stop] = faiss.knn_hamming(
+                queries[start:stop], codes, k
+            )
         return all_distances, all_rows

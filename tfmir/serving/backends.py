@@ -1,6 +1,7 @@
 """Query-embedding backends of `tfmir serve`: the model in-process, or TF Serving (REST).
 
-Both backends are callables from a list of encoded JPEG or PNG files (bytes) to float32 (N, D)
+Both backends are callables from a list of encoded images (bytes; PNG, JPEG and GIF go to the
+model as they are, other formats `tfmir.images` reads are converted to PNG first) to float32 (N, D)
 embeddings and carry the model `fingerprint` (None when it cannot be known):
 
 - `LocalBackend` loads the model with `tfmir.index.embedding.load_embedding_function`, the loader
@@ -10,9 +11,9 @@ embeddings and carry the model `fingerprint` (None when it cannot be known):
 - `TFServingBackend` POSTs TF Serving's REST predict request
   `{"instances": [{"b64": ...}]}` to `<url>:predict` and reads `predictions`.
 
-`check_image` refuses what must not reach either backend (empty bytes, neither JPEG nor PNG, an
-unreadable header, more than `DEFAULT_MAX_IMAGE_PIXELS` or the given number of pixels) from the
-image header alone; a SavedModel from `tfmir export` makes the same checks in its graph, with the
+`check_image` refuses what must not reach either backend (empty bytes, an unknown format, an
+unreadable header, more than `DEFAULT_MAX_IMAGE_PIXELS` or the given number of pixels, a side
+under `tfmir.images.MIN_IMAGE_SIDE`) from the image header alone; a SavedModel from `tfmir export` makes the same checks in its graph, with the
 same default. Errors that are the client's carry an HTTP status (`RequestError`); a failing
 backend raises `BackendError`.
 
@@ -32,17 +33,16 @@ import io
 import json
 import os
 import re
-import struct
 import tempfile
 import urllib.error
 import urllib.request
 
 import numpy as np
 
-from tfmir.image_limits import DEFAULT_MAX_IMAGE_PIXELS, image_size_problem
+from tfmir.images import DEFAULT_MAX_IMAGE_PIXELS, ImageError, graph_bytes, read_header
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-JPEG_SIGNATURE = b"\xff\xd8\xff"
+# Callers checked the size already.
+_NO_PIXEL_LIMIT = 1 << 62
 DEFAULT_TIMEOUT_SECONDS = 30.0
 
 
@@ -76,43 +76,36 @@ class BackendError(Exception):
 
 
 def check_image(data: bytes, max_image_pixels: int) -> tuple[int, int]:
-    """Refuses an image that must not be decoded, reading only its header.
+    """Refuses an image that must not be decoded, reading only its header (`tfmir.images`).
 
     Args:
-        data: the encoded image.
+        data: the encoded image (PNG, JPEG, GIF, BMP, TIFF, DICOM, ...: what `tfmir.images`
+            reads).
         max_image_pixels: the most pixels (height × width) an image may have.
 
     Returns:
         (height, width) from the header.
 
     Raises:
-        RequestError: 400 for empty bytes, bytes that are neither JPEG nor PNG, an unreadable
-            header, or a side under `tfmir.image_limits.MIN_IMAGE_SIDE`; 413 for an image of more than
-            `max_image_pixels` pixels (a decompression bomb is a small file whose header
-            promises a huge image).
+        RequestError: 413 for an image of more than `max_image_pixels` pixels (a decompression
+            bomb is a small file whose header promises a huge image); 400 for empty bytes, an
+            unknown format, an unreadable header or a side under
+            `tfmir.images.MIN_IMAGE_SIDE`.
     """
-    from PIL import JpegImagePlugin, PngImagePlugin
-
-    if not data:
-        raise RequestError(400, "the image is empty (0 bytes).")
-    if not data.startswith((PNG_SIGNATURE, JPEG_SIGNATURE)):
-        raise RequestError(400, "the image is neither JPEG nor PNG (unknown file signature "
-                                f"{data[:8]!r}); send a JPEG or PNG file.")
-    # The format's own reader, not Image.open: it reads the header only, and without PIL's
-    # process-wide decompression-bomb limit, so max_image_pixels alone decides.
-    reader = (PngImagePlugin.PngImageFile if data.startswith(PNG_SIGNATURE)
-              else JpegImagePlugin.JpegImageFile)
     try:
-        with reader(io.BytesIO(data)) as image:
-            width, height = image.size
-    except (OSError, ValueError, SyntaxError, EOFError, IndexError, struct.error) as error:
-        # What PIL's readers raise for a damaged header.
-        raise RequestError(400, f"the image is corrupt (unreadable header: {error}).") from error
-    problem = image_size_problem(width, height, max_image_pixels)
-    if problem:
-        raise RequestError(413 if width * height > max_image_pixels else 400,
-                           f"the image is {problem}.")
-    return height, width
+        header = read_header(data, max_image_pixels)
+    except ImageError as error:
+        raise RequestError(413 if error.too_large else 400, f"the image is {error}.") from None
+    return header.height, header.width
+
+
+def _graph_bytes(image: bytes) -> bytes:
+    """The bytes a SavedModel decodes (`tfmir.images.graph_bytes`), as a client error if none."""
+    try:
+        # The size was checked by `check_image` under the service's limit.
+        return graph_bytes(image, max_image_pixels=_NO_PIXEL_LIMIT)
+    except ImageError as error:
+        raise RequestError(413 if error.too_large else 400, f"the image is {error}.") from None
 
 
 def model_error_message(text: str) -> str:
@@ -185,6 +178,9 @@ class LocalBackend:
                 return self.embed(examples)
             except tf.errors.InvalidArgumentError as error:  # header checks, decoding
                 raise _refused_image(model_error_message(error.message)) from error
+            except ImageError as error:  # a format converted before the model
+                raise RequestError(413 if error.too_large else 400,
+                                   f"the image is {error}.") from None
 
 
 class TFServingBackend:
@@ -219,8 +215,9 @@ class TFServingBackend:
         self.description = f"TF Serving at {self.predict_url}"
 
     def __call__(self, images: list[bytes]) -> np.ndarray:
-        body = json.dumps({"instances": [{"b64": base64.b64encode(image).decode("ascii")}
-                                         for image in images]}).encode("utf-8")
+        body = json.dumps({"instances": [
+            {"b64": base64.b64encode(_graph_bytes(image)).decode("ascii")} for image in images
+        ]}).encode("utf-8")
         request = urllib.request.Request(self.predict_url, data=body, method="POST",
                                          headers={"Content-Type": "application/json"})
         try:

@@ -2,8 +2,9 @@
 
 Endpoints:
 
-- `POST /search?k=8&source=skin`: the query image as the raw body (Content-Type `image/jpeg`,
-  `image/png` or `application/octet-stream`) or as the multipart/form-data field `image`.
+- `POST /search?k=8&source=skin`: the query image (any format `tfmir.images` reads) as the raw
+  body (Content-Type one of `IMAGE_CONTENT_TYPES`: `image/*` of those formats,
+  `application/dicom` or `application/octet-stream`) or as the multipart/form-data field `image`.
   Answers `{"results": [{"id", "label", "source", "path", "score", "rank"}], "predicted_label"}`,
   the shape `tfmir search` prints per query.
 - `GET /healthz`: `{"status": "ok", "count", "kind", "metric", "dimension",
@@ -17,6 +18,12 @@ before reading it, or an image above `max_image_pixels`), 415 (another Content-T
 answers are server faults and are logged: 500 (a bug), 502 / 504 (TF Serving failed or timed
 out). One thread serves each connection (`ThreadingHTTPServer`, HTTP/1.1 keep-alive); the
 service is read-only, so requests run concurrently without a lock (see `SearchService`).
+
+Keep-alive: every answer says how long the connection may stay idle (`Keep-Alive: timeout=N`,
+`idle_timeout`, 60 s by default) or that the server closes it (`Connection: close`). The server
+waits a little longer than it announces, so a request sent just before the deadline is still
+answered, and then closes gracefully: a request that crosses the close meets a clean end of
+stream (which clients take as "reconnect"), not a reset.
 
 Example:
 
@@ -50,7 +57,10 @@ from tfmir.serving.backends import DEFAULT_MAX_IMAGE_PIXELS, BackendError, Reque
 from tfmir.serving.service import SearchService
 
 DEFAULT_MAX_REQUEST_BYTES = 32 * 1024 * 1024
-IMAGE_CONTENT_TYPES = ("image/jpeg", "image/png", "application/octet-stream")
+DEFAULT_IDLE_TIMEOUT = 60
+# The bytes decide the format (`tfmir.images`); these types just say "an image".
+IMAGE_CONTENT_TYPES = ("image/jpeg", "image/png", "image/gif", "image/bmp", "image/tiff",
+                       "image/webp", "application/dicom", "application/octet-stream")
 MULTIPART_CONTENT_TYPE = "multipart/form-data"
 MULTIPART_FIELD = "image"
 ROUTES = {"/search": "POST", "/healthz": "GET"}
@@ -60,6 +70,9 @@ QUERY_PARAMETERS = ("k", "source")
 # the answer (what web servers call a lingering close).
 _LINGER_SECONDS = 5.0
 _LINGER_IDLE_SECONDS = 1.0
+# How much longer than its announced Keep-Alive timeout an idle connection is kept: the client's
+# clock starts when the answer arrives, after the server's, and its request takes time to travel.
+_IDLE_GRACE_SECONDS = 1.0
 
 
 class SearchServer(ThreadingHTTPServer):
@@ -69,16 +82,21 @@ class SearchServer(ThreadingHTTPServer):
         address: (host, port) to bind; port 0 picks a free port (see `server_address`).
         service: the loaded `SearchService`.
         max_request_bytes: larger request bodies are refused (413) without being read.
+        idle_timeout: seconds a keep-alive connection may wait for its next request; announced
+            in every answer as `Keep-Alive: timeout=<idle_timeout>`.
     """
 
     daemon_threads = True
     request_queue_size = 64
 
     def __init__(self, address: tuple[str, int], service: SearchService, *,
-                 max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES):
-        _check_max_request_bytes(max_request_bytes)
+                 max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+                 idle_timeout: int = DEFAULT_IDLE_TIMEOUT):
+        _check_positive_integer("max_request_bytes", max_request_bytes)
+        _check_positive_integer("idle_timeout", idle_timeout)
         self.service = service
         self.max_request_bytes = max_request_bytes
+        self.idle_timeout = idle_timeout
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, _SearchHandler)
@@ -95,7 +113,8 @@ def make_server(index_dir: str | os.PathLike, model: str | os.PathLike | None, *
                 tf_serving_url: str | None = None,
                 max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-                resize_size: int | None = None) -> SearchServer:
+                resize_size: int | None = None,
+                idle_timeout: int = DEFAULT_IDLE_TIMEOUT) -> SearchServer:
     """Loads an index and its model and returns a bound, not yet serving, `SearchServer`.
 
     Args:
@@ -112,6 +131,8 @@ def make_server(index_dir: str | os.PathLike, model: str | os.PathLike | None, *
         max_image_pixels: images whose header gives more pixels are refused (413) before being
             decoded.
         resize_size: resize side for a `.keras` model (default: its `config.json`).
+        idle_timeout: seconds a keep-alive connection may wait for its next request (announced
+            as `Keep-Alive: timeout=<idle_timeout>`).
 
     Returns:
         The server: `serve_forever()` to serve, `shutdown()` (from another thread) to stop,
@@ -129,19 +150,20 @@ def make_server(index_dir: str | os.PathLike, model: str | os.PathLike | None, *
     print(server.url)   # http://127.0.0.1:<port>
     ```
     """
-    _check_max_request_bytes(max_request_bytes)
+    _check_positive_integer("max_request_bytes", max_request_bytes)
+    _check_positive_integer("idle_timeout", idle_timeout)
     service = SearchService.load(index_dir, model, k=k, tf_serving_url=tf_serving_url,
                                  max_image_pixels=max_image_pixels, resize_size=resize_size)
     if not _is_loopback(host):
         logging.warning("Serving on %s, not the loopback interface: whoever can reach it can "
                         "search the archive. Put it behind an authenticating proxy.", host)
-    return SearchServer((host, port), service, max_request_bytes=max_request_bytes)
+    return SearchServer((host, port), service, max_request_bytes=max_request_bytes,
+                        idle_timeout=idle_timeout)
 
 
-def _check_max_request_bytes(value) -> None:
+def _check_positive_integer(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError("max_request_bytes must be a positive integer. "
-                         f"Received: max_request_bytes={value!r}")
+        raise ValueError(f"{name} must be a positive integer. Received: {name}={value!r}")
 
 
 def _byte_count(value: str | None) -> int | None:
@@ -164,7 +186,30 @@ class _SearchHandler(BaseHTTPRequestHandler):
 
     server_version = f"tfmir-serve/{tfmir.__version__}"
     protocol_version = "HTTP/1.1"  # keep-alive, and `Expect: 100-continue` (curl, large bodies)
-    timeout = 60  # seconds a client may stall (socket timeout); frees the thread afterwards
+    timeout = 60  # seconds a client may stall mid-request (socket timeout); frees the thread
+
+    def handle_one_request(self):
+        if self._wait_for_request():
+            super().handle_one_request()
+        else:
+            self.close_connection = True
+
+    def _wait_for_request(self) -> bool:
+        """Whether a request starts within the idle timeout; closes gracefully when none does."""
+        self.connection.settimeout(self.server.idle_timeout + _IDLE_GRACE_SECONDS)
+        try:
+            if not self.rfile.peek(1):
+                return False  # the client closed the connection
+        except TimeoutError:
+            # shutdown(SHUT_WR) first, then drop what still arrives: closing a socket with unread
+            # data would reset the connection under a request that crossed the close.
+            self._linger()
+            return False
+        except OSError:
+            return False
+        finally:
+            self.connection.settimeout(self.timeout)
+        return True
 
     def do_GET(self):  # noqa: N802 (the names BaseHTTPRequestHandler dispatches to)
         self._answer()
@@ -258,6 +303,10 @@ class _SearchHandler(BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(len(body)))
             if self._body_unread or self.close_connection:
                 self.send_header("Connection", "close")  # the unread body ends the connection
+            else:
+                if self.request_version == "HTTP/1.0":  # keep-alive only when asked for and said
+                    self.send_header("Connection", "keep-alive")
+                self.send_header("Keep-Alive", f"timeout={self.server.idle_timeout}")
             self.end_headers()
             if self.command != "HEAD":
                 self.wfile.write(body)
@@ -268,12 +317,12 @@ class _SearchHandler(BaseHTTPRequestHandler):
             logging.info("%s left before the answer was sent: %s", self.address_string(), error)
 
     def _linger(self) -> None:
-        """Reads and drops the unread body for a while, so closing does not reset the answer."""
+        """Reads and drops what the client still sends for a while, so closing does not reset it."""
         connection = self.connection
-        connection.shutdown(socket.SHUT_WR)
-        connection.settimeout(_LINGER_IDLE_SECONDS)
         deadline = time.monotonic() + _LINGER_SECONDS
         try:
+            connection.shutdown(socket.SHUT_WR)
+            connection.settimeout(_LINGER_IDLE_SECONDS)
             while time.monotonic() < deadline and connection.recv(65536):
                 pass
         except OSError:  # timed out or reset: the client has what it needs

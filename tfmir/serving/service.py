@@ -13,7 +13,8 @@ in-process, or TF Serving) and checks, before any request, that they belong toge
 `{"results": [{"id", "label", "source", "path", "score", "rank"}], "predicted_label"}`.
 
 Thread safety: a loaded service is read-only, so `search` takes no lock and may run in many
-threads at once. The index is never modified while serving; `ExactIndex` searches with TensorFlow
+threads at once; only the decoding memory is shared out (`PixelBudget`: the pixels decoded at once
+stay under `max_image_pixels`). The index is never modified while serving; `ExactIndex` searches with TensorFlow
 ops on a read-only array, and ScaNN 1.4.2 releases the GIL in `search_batched` and answers
 concurrent searches on one searcher (only `upsert`, never called here, modifies it). TensorFlow
 functions (the SavedModel signature, the Keras embedding function) may be called from several
@@ -30,7 +31,9 @@ answer = service.search(open("query.jpg", "rb").read(), k=4, source="skin")
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 from collections import Counter
 
 import numpy as np
@@ -68,6 +71,7 @@ class SearchService:
         self.max_image_pixels = max_image_pixels
         self.fingerprint_checked = fingerprint_checked
         self.source_counts = Counter(index.sources.tolist())
+        self._decoding = PixelBudget(max_image_pixels)
 
     @classmethod
     def load(cls, index_directory: str | os.PathLike, model: str | os.PathLike | None = None, *,
@@ -145,7 +149,7 @@ class SearchService:
                 "another model.")
 
     def search(self, image: bytes, *, k: int | None = None, source: str | None = None) -> dict:
-        """The top-k indexed items for one encoded JPEG or PNG image.
+        """The top-k indexed items for one encoded image (any format `tfmir.images` reads).
 
         Args:
             image: the encoded image.
@@ -173,8 +177,9 @@ class SearchService:
         if k > available:
             where = "the index" if source is None else f"source {source!r}"
             raise RequestError(400, f"k={k} is larger than {where} ({available} items).")
-        check_image(image, self.max_image_pixels)
-        embeddings = self.embed([image])
+        height, width = check_image(image, self.max_image_pixels)
+        with self._decoding.hold(height * width):
+            embeddings = self.embed([image])
         if embeddings.shape != (1, self.index.dimension):
             raise BackendError(f"{self.embed.description} answered an embedding of shape "
                                f"{embeddings.shape}; the index has dimension "
@@ -204,6 +209,48 @@ class SearchService:
             "k": self.k,
             "sources": _sorted(self.source_counts),
         }
+
+
+class PixelBudget:
+    """Bounds the pixels decoded at once across threads: the memory of concurrent queries.
+
+    Each query holds its image's pixel count (from the header) while it is decoded and embedded;
+    a query that would take the total over `capacity` waits until others finish. Decoding takes
+    about 16 bytes per pixel (an 8-bit RGB PNG: the pixels, then float32 for the resize; a 16-bit
+    one more), so with `capacity` = `max_image_pixels` (the service's choice) the decoding
+    memory of all requests together stays near what one largest allowed image needs, however
+    many arrive at once. An image larger than the capacity holds all of it.
+
+    Args:
+        capacity: pixels that may be held at once (positive).
+
+    Example:
+
+    ```python
+    budget = PixelBudget(50_000_000)
+    with budget.hold(height * width):
+        embeddings = embed([image])
+    ```
+    """
+
+    def __init__(self, capacity: int):
+        _check_positive("capacity", capacity)
+        self.capacity = capacity
+        self.held = 0
+        self._changed = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, pixels: int):
+        pixels = max(1, min(int(pixels), self.capacity))
+        with self._changed:
+            self._changed.wait_for(lambda: self.held + pixels <= self.capacity)
+            self.held += pixels
+        try:
+            yield
+        finally:
+            with self._changed:
+                self.held -= pixels
+                self._changed.notify_all()
 
 
 def _check_positive(name: str, value) -> None:
