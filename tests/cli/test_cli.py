@@ -2,8 +2,10 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
+import textwrap
 
 import keras
 import numpy as np
@@ -13,8 +15,17 @@ from tfmir.cli.main import COMMANDS
 from tfmir.models import Embedder  # registers the class that .keras files name
 
 
-def tfmir(*args, timeout=600):
+# TensorFlow's C++ log lines ("2025-01-31 12:00:00.123456: E external/.../cuda_platform.cc:51]
+# failed call to cuInit ...") and its notices that continue on a line of their own.
+TENSORFLOW_LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+: [IWEF] |oneDNN custom "
+                                 r"operations|rebuild TensorFlow with the appropriate", re.M)
+
+
+def tfmir(*args, timeout=600, as_user=False):
+    """`python -m tfmir.cli ARGS`; as_user: without the TF_CPP_MIN_LOG_LEVEL tests set."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    if as_user:
+        del env["TF_CPP_MIN_LOG_LEVEL"]
     return subprocess.run([sys.executable, "-m", "tfmir.cli", *args], capture_output=True,
                           text=True, timeout=timeout, env=env)
 
@@ -37,6 +48,73 @@ def test_command_help_lists_its_flags(command):
     expected = {"train": ["--workdir", "--config"], "search": ["--index", "--k"]}[command]
     for flag in expected:
         assert flag + ":" in help_text, help_text[-2000:]
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_help_prints_no_tensorflow_lines_and_does_not_import_it(command):
+    probe = textwrap.dedent("""
+        import sys
+        from tfmir.cli.main import run
+        try:
+            run(sys.argv)
+        except SystemExit:
+            pass
+        print("imported tensorflow:", "tensorflow" in sys.modules)
+    """)
+    env = {name: value for name, value in os.environ.items() if name != "TF_CPP_MIN_LOG_LEVEL"}
+    result = subprocess.run([sys.executable, "-c", probe, command, "--help"], capture_output=True,
+                            text=True, timeout=120, env=env)
+    assert f"tfmir {command}" in result.stdout + result.stderr
+    assert "imported tensorflow: False" in result.stdout
+    assert not TENSORFLOW_LOG_LINE.search(result.stderr), result.stderr
+
+
+def test_training_prints_no_tensorflow_lines_and_records_only_its_flags(tmp_path):
+    workdir = tmp_path / "run"
+    result = tfmir("train", "--data=sample", "--config=specialist:tiny", "--config.epochs=1",
+                   "--config.steps_per_epoch=2", f"--workdir={workdir}", "--nologtostderr",
+                   as_user=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    # tf.data's end of sequence ("Local rendezvous is aborting with status: OUT_OF_RANGE") came
+    # out in the progress bar, CUDA probing as an error; none of it is the user's problem.
+    assert "Local rendezvous" not in output and "OUT_OF_RANGE" not in output
+    assert not TENSORFLOW_LOG_LINE.search(output), output[-3000:]
+    # The command's flags and the one other flag given, not every library's flags.
+    assert (workdir / "flags.txt").read_text().splitlines() == [
+        "--config=specialist:tiny", "--data=sample", "--nodownload", "--nostrict",
+        f"--workdir={workdir}", "--nologtostderr", "--config.epochs=1",
+        "--config.steps_per_epoch=2"]
+
+
+def test_the_search_gallery_captions_the_prediction_as_a_prediction(tmp_path):
+    # In another process: tfmir.cli.search defines absl flags that other CLI modules share.
+    script = textwrap.dedent("""
+        import json, sys
+        from PIL import ImageDraw
+        from tfmir.cli.search import write_gallery
+
+        drawn = []
+        draw_text = ImageDraw.ImageDraw.text
+
+        def recording_text(self, xy, text, *args, **kwargs):
+            drawn.append(text)
+            return draw_text(self, xy, text, *args, **kwargs)
+
+        ImageDraw.ImageDraw.text = recording_text
+        results = [{"label": label, "path": None} for label in ("nevus", "melanoma")]
+        output = [{"query": "q.png", "results": results, "predicted_label": "nevus"}]
+        write_gallery(sys.argv[1], ["q.png"], output, None)
+        write_gallery(sys.argv[1], ["q.png"], output, "melanoma")
+        print(json.dumps(drawn))
+    """)
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path / "gallery.png")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    drawn = json.loads(result.stdout)
+    assert drawn.count("predicted: nevus") == 2
+    # The true label only where --query_label gave it.
+    assert [text for text in drawn if text.startswith("query:")] == ["query: melanoma"]
 
 
 def test_train_writes_models_and_test_table(shared_data_dir, tmp_path):
@@ -69,7 +147,8 @@ def test_train_refuses_a_missing_dataset_by_name(tmp_path):
 @pytest.mark.parametrize("arguments, message", [
     (["--config=specialist:huge"], "setting must be one of ('tiny', 'cpu', 'paper'). "
                                    "Received: 'huge'"),
-    (["--config=ynet"], "config must be one of ['specialist', 'universal']"),
+    (["--config=ynet"], "config must be one of ['deep_knn', 'deep_knn_classifier', "
+                          "'deep_knn_triplet', 'specialist', 'universal']"),
     (["--config.optimizer.lr=1"], "unknown config key 'optimizer.lr'; valid keys here are "
                                   "['optimizer.name', 'optimizer.learning_rate'"),
     (["--config.epochs=many"], "config key 'epochs' takes a int (default 6). Received: 'many'"),

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from tfmir.metrics import bootstrap_mean, paired_bootstrap
+from tfmir.metrics.bootstrap import bootstrap_statistic
 
 
 def test_identical_models_have_a_zero_width_interval_at_zero():
@@ -106,3 +107,67 @@ def test_bootstrap_mean_matches_the_normal_approximation():
     assert result["high"] == pytest.approx(0.4 + half_width, abs=0.004)
     with pytest.raises(ValueError, match=r"values must be a non-empty 1-D array.*\(2, 2\)"):
         bootstrap_mean(np.zeros((2, 2)))
+
+
+def _mean_class_recall(y_true, y_pred):
+    return np.mean([np.mean(y_pred[y_true == label] == label) for label in np.unique(y_true)])
+
+
+def test_bootstrap_statistic_of_the_mean_is_bootstrap_mean():
+    # Same seed and query count -> the same resamples, so the same interval to the last bit.
+    values = (np.random.default_rng(4).uniform(size=301) < 0.3).astype(float)
+    general = bootstrap_statistic(np.mean, values, num_resamples=500, seed=7)
+    special = bootstrap_mean(values, num_resamples=500, seed=7)
+    assert general["value"] == special["mean"]
+    assert (general["low"], general["high"]) == (special["low"], special["high"])
+    assert (general["num_queries"], general["num_undefined"]) == (301, 0)
+
+
+def test_bootstrap_statistic_matches_an_explicit_resampling_loop():
+    # Independent oracle: one resample of the queries at a time with NumPy's generator (drawing
+    # row by row gives the same stream as bootstrap_statistic's chunked draws), the mean class
+    # recall by a plain Python loop over queries, then the 2.5th and 97.5th percentiles.
+    rng = np.random.default_rng(11)
+    y_true = rng.integers(0, 4, size=120)
+    y_pred = np.where(rng.uniform(size=120) < 0.6, y_true, rng.integers(0, 4, size=120))
+    result = bootstrap_statistic(_mean_class_recall, y_true, y_pred, num_resamples=300, seed=2)
+
+    def mean_class_recall_loop(true, predicted):
+        hits, counts = {}, {}
+        for label, guess in zip(true.tolist(), predicted.tolist()):
+            counts[label] = counts.get(label, 0) + 1
+            hits[label] = hits.get(label, 0) + (label == guess)
+        return sum(hits[label] / counts[label] for label in counts) / len(counts)
+
+    oracle_rng = np.random.default_rng(2)
+    statistics = []
+    for _ in range(300):
+        rows = oracle_rng.integers(0, 120, size=(1, 120))[0]
+        statistics.append(mean_class_recall_loop(y_true[rows], y_pred[rows]))
+    assert result["value"] == pytest.approx(mean_class_recall_loop(y_true, y_pred))
+    assert result["low"] == pytest.approx(np.percentile(statistics, 2.5))
+    assert result["high"] == pytest.approx(np.percentile(statistics, 97.5))
+
+
+def test_bootstrap_statistic_leaves_out_undefined_resamples():
+    # The recall of class 1, which has a single query (always right): a resample that misses
+    # it is undefined (NaN); every other resample gives exactly 1. P(miss) = (4/5)^5 ~ 0.33.
+    y_true = np.array([0, 0, 0, 0, 1])
+    y_pred = np.array([0, 1, 0, 1, 1])
+
+    def recall_of_one(true, predicted):
+        members = true == 1
+        return np.mean(predicted[members] == 1) if members.any() else np.nan
+
+    result = bootstrap_statistic(recall_of_one, y_true, y_pred, num_resamples=1000)
+    assert (result["value"], result["low"], result["high"]) == (1.0, 1.0, 1.0)
+    assert 250 < result["num_undefined"] < 420
+
+
+def test_bootstrap_statistic_refuses_arrays_of_different_lengths():
+    with pytest.raises(ValueError, match=r"same length.*\(3,\), \(2,\)"):
+        bootstrap_statistic(_mean_class_recall, [0, 1, 1], [0, 1])
+    with pytest.raises(ValueError, match="at least one"):
+        bootstrap_statistic(np.mean)
+    with pytest.raises(ValueError, match="confidence must be in"):
+        bootstrap_statistic(np.mean, [1.0], confidence=0)

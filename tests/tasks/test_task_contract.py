@@ -7,7 +7,7 @@ import pytest
 from tfmir.configs import get_config, override
 from tfmir.models import Embedder
 from tfmir.samples import load_sample
-from tfmir.tasks import Distillation, MetricLearning, build_task
+from tfmir.tasks import Classification, Distillation, MetricLearning, build_task
 
 from tests.tasks.harness import run_determinism_test, run_task_test
 
@@ -30,6 +30,10 @@ def sample():
 
 def specialist_config():
     return override(get_config("specialist:tiny"), {"epochs": 2, "steps_per_epoch": 3})
+
+
+def classifier_config():
+    return override(get_config("deep_knn_classifier:tiny"), {"epochs": 2, "steps_per_epoch": 3})
 
 
 def universal_config(specialists):
@@ -63,6 +67,16 @@ def test_distillation_contract(sample, retina_specialist, tmp_path):
     assert [metric.name for metric in task.metrics] == ["loss", "rkd_loss", "ms_loss"]
 
 
+def test_classification_contract(sample, tmp_path):
+    config = classifier_config()
+    task = run_task_test(lambda: build_task(config.task, sample), config, sample["train"],
+                         tmp_path)
+    assert isinstance(task, Classification) and task.fields == ("image", "label")
+    assert task.samplers[0] == "shuffled"
+    assert isinstance(task.deployable_model, Embedder)
+    assert task.num_classes == len(sample["train"].class_names)
+
+
 @pytest.mark.parametrize("name", ["specialist", "universal"])
 def test_the_same_run_twice_gives_identical_weights(name, sample, retina_specialist, tmp_path):
     config = (specialist_config() if name == "specialist"
@@ -74,10 +88,20 @@ def test_the_same_run_twice_gives_identical_weights(name, sample, retina_special
         assert {"rkd_loss", "ms_loss"} <= set(result.history)
 
 
+def test_the_same_classifier_run_twice_gives_identical_weights(sample, tmp_path):
+    result = run_determinism_test(classifier_config(), sample, tmp_path)
+    assert result.history["epoch"] == [0.0, 1.0]
+    # kNN on the validation split, leave-one-out kNN on the training split (paper 001's Fig. 2).
+    assert {"loss", "val_knn@5_mcr", "val_knn@1_rs", "train_knn@1_accuracy",
+            "train_knn@5_rs"} <= set(result.history)
+    assert result.best_path.exists()
+
+
 def test_unknown_task_and_task_arguments_are_named(sample):
     config = specialist_config()
-    with pytest.raises(ValueError, match=r"task must be one of \['distillation', "
-                                         r"'metric_learning'\]. Received: task='y_net'"):
+    with pytest.raises(ValueError, match=r"task must be one of \['classification', "
+                                         r"'distillation', 'metric_learning'\]. "
+                                         r"Received: task='y_net'"):
         build_task(override(config, {"task.name": "y_net"}).task, sample)
     with pytest.raises(ValueError, match=r"unknown metric_learning argument\(s\) \['margin'\]"):
         build_task(override(config, {"task.args.margin": 0.1}).task, sample)

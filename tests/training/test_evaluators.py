@@ -453,10 +453,11 @@ def test_make_evaluator():
     assert isinstance(evaluator, MeanAveragePrecision) and evaluator.k == 5 and evaluator.codes
     instance = SegmentationOverlap(threshold=0.3)
     assert make_evaluator(instance) is instance
-    assert set(EVALUATORS) == {"recall", "knn", "map", "segmentation"}
+    assert set(EVALUATORS) == {"recall", "knn", "map", "segmentation", "train_knn"}
     assert all(issubclass(cls, Evaluator) for cls in EVALUATORS.values())
     with pytest.raises(ValueError, match=r"name must be one of \['knn', 'map', 'recall', "
-                                         r"'segmentation'\]. Received: name='bogus'"):
+                                         r"'segmentation', 'train_knn'\]. "
+                                         r"Received: name='bogus'"):
         make_evaluator("bogus")
     with pytest.raises(ValueError, match=r"name must be one of .*Received: name='recal'"):
         make_evaluator({"name": "recal", "ks": (1,)})

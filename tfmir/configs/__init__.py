@@ -1,12 +1,13 @@
 """Experiment configs: one shape (`Config`) and one named setting per paper configuration.
 
-`get_config("specialist:cpu")` returns paper 000's specialist on the `cpu` setting; the part
-after the colon picks "tiny", "cpu" or "paper" (the default).
+`get_config("specialist:cpu")` returns paper 000's specialist on the `cpu` setting, and
+`get_config("deep_knn:cpu")` paper 001's deep kNN; the part after the colon picks "tiny", "cpu" or
+"paper" (the default).
 """
 
 from __future__ import annotations
 
-from tfmir.configs import universal
+from tfmir.configs import deep_knn, universal
 from tfmir.configs.config import (
     Config,
     DataConfig,
@@ -21,6 +22,10 @@ from tfmir.configs.config import (
 CONFIGS = {
     "specialist": universal.specialist,
     "universal": universal.universal,
+    # Paper 001 (deep kNN, Table 2): the deep-kNN loss, its triplet baseline, the weighted-CE CNN.
+    "deep_knn": deep_knn.deep_knn,
+    "deep_knn_triplet": deep_knn.triplet,
+    "deep_knn_classifier": deep_knn.classifier,
 }
 
 

@@ -3,8 +3,10 @@
 from tfmir.metrics.bootstrap import bootstrap_mean
 from tfmir.metrics.bootstrap import paired_bootstrap
 from tfmir.metrics.classification import classification_metrics
+from tfmir.metrics.classification import find_smallest_class
 from tfmir.metrics.classification import knn_classification
 from tfmir.metrics.classification import knn_predict
+from tfmir.metrics.classification import neighbor_rows
 from tfmir.metrics.retrieval import map_at_k
 from tfmir.metrics.retrieval import precision_at_k
 from tfmir.metrics.retrieval import recall_at_k
@@ -17,10 +19,12 @@ __all__ = [
     "bootstrap_mean",
     "classification_metrics",
     "dice_score",
+    "find_smallest_class",
     "iou_score",
     "knn_classification",
     "knn_predict",
     "map_at_k",
+    "neighbor_rows",
     "paired_bootstrap",
     "precision_at_k",
     "recall_at_k",

@@ -2,10 +2,14 @@
 
 Recall@1 on a few hundred queries moves by a few points from one seed to the next, so a score is
 reported with the interval of its per-query outcomes resampled over queries (`bootstrap_mean`), and
-a gain with the interval of the per-query difference (`paired_bootstrap`).
+a gain with the interval of the per-query difference (`paired_bootstrap`). A score that is not a
+mean of per-query outcomes (mean class recall, a class's recall) gets the interval of the statistic
+recomputed on resampled queries (`bootstrap_statistic`).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 
@@ -106,3 +110,70 @@ def paired_bootstrap(first, second, *, groups=None, num_resamples: int = 10_000,
     result = bootstrap_mean(second - first, groups=groups, num_resamples=num_resamples,
                             confidence=confidence, seed=seed)
     return {"difference": result.pop("mean"), **result}
+
+
+def bootstrap_statistic(statistic: Callable[..., float], *arrays, num_resamples: int = 10_000,
+                        confidence: float = 0.95, seed: int = 0) -> dict:
+    """Any statistic of per-query arrays and its percentile bootstrap interval.
+
+    The queries (rows of every array together) are resampled with replacement and `statistic`
+    is recomputed on each resample, e.g. the mean class recall of (true labels, predictions).
+    The resamples are the ones `bootstrap_mean` draws with the same seed and query count, so
+    `bootstrap_statistic(np.mean, values)` gives `bootstrap_mean(values)`'s interval.
+
+    A resample on which the statistic is undefined (`statistic` returns NaN, e.g. the recall of
+    a class that the resample happens to miss) is left out of the percentiles and counted in
+    "num_undefined".
+
+    Args:
+        statistic: function of the arrays, each indexed by the same resampled queries, to a
+            float; called once on the arrays themselves and once per resample.
+        *arrays: per-query arrays of equal length Q (their first axis).
+        num_resamples: bootstrap resamples.
+        confidence: coverage of the interval, in (0, 1).
+        seed: seed of the resampling.
+
+    Returns:
+        {"value": statistic(*arrays), "low": ..., "high": ..., "confidence": ...,
+        "num_queries": Q, "num_undefined": resamples left out}; low and high are NaN when no
+        resample is defined.
+
+    Example:
+
+    >>> def mean_class_recall(y_true, y_pred):
+    ...     return np.mean([np.mean(y_pred[y_true == c] == c) for c in np.unique(y_true)])
+    >>> bootstrap_statistic(mean_class_recall, np.array([0, 0, 0, 1]),
+    ...                     np.array([0, 0, 1, 1]))["value"]
+    0.8333333333333333
+
+    Reference:
+        Efron and Tibshirani, "An Introduction to the Bootstrap", 1993, ch. 13 (percentile
+        interval).
+    """
+    if not arrays:
+        raise ValueError("bootstrap_statistic needs at least one per-query array")
+    arrays = [np.asarray(array) for array in arrays]
+    num_queries = len(arrays[0]) if arrays[0].ndim else 0
+    if num_queries == 0 or any(array.ndim == 0 or len(array) != num_queries
+                               for array in arrays):
+        raise ValueError("arrays must be non-empty with the same length (one row per query). "
+                         f"Received shapes {[array.shape for array in arrays]}")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1). Received: confidence={confidence!r}")
+    if int(num_resamples) != num_resamples or num_resamples < 1:
+        raise ValueError(f"num_resamples must be a positive integer. Received: {num_resamples!r}")
+    rng = np.random.default_rng(seed)
+    values = np.empty(int(num_resamples))
+    # The same chunked draws as bootstrap_mean, so equal seeds give equal resamples.
+    chunk = max(1, 2_000_000 // num_queries)
+    for start in range(0, values.size, chunk):
+        rows = rng.integers(0, num_queries, size=(min(chunk, values.size - start), num_queries))
+        for offset, row in enumerate(rows):
+            values[start + offset] = statistic(*(array[row] for array in arrays))
+    defined = values[np.isfinite(values)]
+    tail = 100 * (1 - confidence) / 2
+    low, high = (np.percentile(defined, [tail, 100 - tail]) if defined.size
+                 else (np.nan, np.nan))
+    return {"value": float(statistic(*arrays)), "low": float(low), "high": float(high),
+            "confidence": confidence, "num_queries": int(num_queries),
+            "num_undefined": int(values.size - defined.size)}

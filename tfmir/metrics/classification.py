@@ -1,9 +1,15 @@
-"""kNN classification on embeddings and its metrics: accuracy, MCR, RS."""
+"""kNN classification through a search index, and its metrics: accuracy, MCR, RS.
+
+The neighbours come from a `tfmir.index.Index` (exact, ScaNN or Hamming), so the same code
+classifies against a few hundred training embeddings or an archive's index on disk.
+"""
 
 import numpy as np
 
-from tfmir.index.exact import exact_search
+from tfmir.index.base import Index
 from tfmir.metrics.retrieval import _as_label_vector, _is_int
+
+INDEX_KINDS = ("exact", "scann")
 
 # Bounds the (rows, k, k) comparison tensor of knn_predict to ~16M booleans.
 _MAX_VOTE_ELEMENTS = 1 << 24
@@ -58,34 +64,66 @@ def knn_predict(neighbor_labels, k: int) -> np.ndarray:
     return predictions
 
 
+def find_smallest_class(labels):
+    """The class with the fewest items: the lowest label among equally small classes.
+
+    Args:
+        labels: Labels, shape (N,) or (N, 1), N >= 1.
+
+    Returns:
+        The label (a Python scalar).
+
+    Example:
+
+    >>> find_smallest_class([2, 0, 2, 1, 0])
+    1
+    """
+    labels = _as_label_vector(labels, "labels")
+    if labels.shape[0] == 0:
+        raise ValueError("At least one label is needed. Received: 0 labels")
+    classes, counts = np.unique(labels, return_counts=True)
+    return _scalar(classes[np.argmin(counts)])  # argmin: the first (lowest) of the smallest
+
+
 def classification_metrics(
     y_true,
     y_pred,
     *,
-    smallest_class: int | None = None,
+    smallest_class=None,
     num_classes: int | None = None,
-) -> dict[str, float]:
-    """Accuracy, mean class recall and smallest-class recall.
+    class_names=None,
+) -> dict:
+    """Accuracy, mean class recall, smallest-class recall and the recall of every class.
 
     Args:
         y_true: True labels, shape (N,) or (N, 1).
         y_pred: Predicted labels, same length.
         smallest_class: The class whose recall is "smallest_class_recall". By
             default the class with the fewest items in `y_true` (the lowest
-            label among equally small classes).
+            label among equally small classes); callers that know the data
+            set's smallest class (`knn_classification`) pass it.
         num_classes: If given, every label must lie in [0, num_classes). Classes
             absent from `y_true` never count in the mean class recall, since
             their recall is undefined.
+        class_names: Optional names of the integer labels (label i is
+            `class_names[i]`); they key "class_recall" and name
+            "smallest_class".
 
     Returns:
-        `{"accuracy", "mean_class_recall", "smallest_class_recall"}` as floats in
-        [0, 1]: overall accuracy (Acc), the mean over the classes present in
-        `y_true` of their recall (MCR), and the recall of `smallest_class` (RS).
+        `{"accuracy", "mean_class_recall", "smallest_class_recall",
+        "smallest_class", "class_recall"}`: overall accuracy (Acc), the mean
+        over the classes present in `y_true` of their recall (MCR), the recall
+        of `smallest_class` (RS), that class, and `{class: recall}` for every
+        class present in `y_true` (in label order). Recalls are floats in
+        [0, 1].
 
     Example:
 
-    >>> classification_metrics([0, 0, 0, 1], [0, 0, 1, 1])
-    {'accuracy': 0.75, 'mean_class_recall': 0.8333333333333333, 'smallest_class_recall': 1.0}
+    >>> scores = classification_metrics([0, 0, 0, 1], [0, 0, 1, 1], class_names=["no", "yes"])
+    >>> scores["accuracy"], scores["mean_class_recall"], scores["smallest_class_recall"]
+    (0.75, 0.8333333333333333, 1.0)
+    >>> scores["smallest_class"], scores["class_recall"]
+    ('yes', {'no': 0.6666666666666666, 'yes': 1.0})
 
     Reference:
         Zhuang et al., "Deep kNN for Medical Image Classification", MICCAI 2020,
@@ -111,22 +149,88 @@ def classification_metrics(
                     f"{name} must lie in [0, {num_classes}) for num_classes={num_classes}. "
                     f"Received: {name} in [{values.min()}, {values.max()}]"
                 )
+    name_of = _class_namer(class_names, y_true)
 
-    classes, counts = np.unique(y_true, return_counts=True)
+    classes = np.unique(y_true)
     correct = y_true == y_pred
-    recalls = {label: float(np.mean(correct[y_true == label])) for label in classes}
-    if smallest_class is None:
-        smallest_class = classes[np.argmin(counts)]
-    elif smallest_class not in recalls:
+    recalls = {_scalar(label): float(np.mean(correct[y_true == label])) for label in classes}
+    smallest_class = (find_smallest_class(y_true) if smallest_class is None
+                      else _scalar(smallest_class))
+    if smallest_class not in recalls:
         raise ValueError(
-            "smallest_class must be a class present in y_true "
+            "smallest_class must be a class present in y_true, or its recall (RS) is undefined "
             f"(present: {classes.tolist()}). Received: smallest_class={smallest_class!r}"
         )
     return {
         "accuracy": float(np.mean(correct)),
         "mean_class_recall": float(np.mean(list(recalls.values()))),
         "smallest_class_recall": recalls[smallest_class],
+        "smallest_class": name_of(smallest_class),
+        "class_recall": {name_of(label): recall for label, recall in recalls.items()},
     }
+
+
+def neighbor_rows(index: Index, queries, k: int, *, exclude_rows=None) -> np.ndarray:
+    """Rows of the k best index items of every query, best first, optionally leaving one out.
+
+    Args:
+        index: Any `tfmir.index.Index` (exact, ScaNN, Hamming).
+        queries: Array (Q, index.dimension): embeddings, or bit codes for a
+            Hamming index.
+        k: Neighbours per query, 1 <= k <= len(index) (len(index) - 1 when a
+            row is excluded).
+        exclude_rows: Optional int array (Q,): the index row that query q must
+            not return (the query itself, when the index holds it), or -1 for
+            none. Such a query gets the k best of the other rows.
+
+    Returns:
+        int64 array (Q, k) of index rows (`index.labels[rows]`).
+
+    Raises:
+        ValueError: on a dimension mismatch, a k the index cannot answer, or
+            `exclude_rows` of the wrong shape.
+
+    Example:
+
+    >>> from tfmir.index import ExactIndex
+    >>> index = ExactIndex(metric="l2", dimension=1).build([[0.0], [1.0], [3.0]], ids=[0, 1, 2])
+    >>> neighbor_rows(index, [[0.0], [1.0]], k=1, exclude_rows=[0, -1]).tolist()
+    [[1], [1]]
+    """
+    queries = np.asarray(queries)
+    if queries.ndim != 2 or queries.shape[1] != index.dimension:
+        shape = queries.shape
+        raise ValueError(
+            f"The queries must have shape (Q, {index.dimension}) for this {index.kind} index "
+            f"of dimension {index.dimension}. Received: queries.shape={shape}"
+            + (f": {shape[-1]}-dimensional queries" if queries.ndim == 2 else "")
+        )
+    size = len(index)
+    if exclude_rows is None:
+        excluding = False
+    else:
+        exclude_rows = np.asarray(exclude_rows)
+        if exclude_rows.shape != (queries.shape[0],) or not np.issubdtype(
+            exclude_rows.dtype, np.integer
+        ):
+            raise ValueError(
+                f"exclude_rows must be integers of shape ({queries.shape[0]},), one per query. "
+                f"Received: exclude_rows.shape={exclude_rows.shape}, dtype={exclude_rows.dtype}"
+            )
+        excluding = bool(np.any(exclude_rows >= 0))
+    available = size - 1 if excluding else size
+    if not _is_int(k) or not 1 <= k <= available:
+        reason = f"the index holds {size} items" + (
+            ", less the query itself" if excluding else ""
+        )
+        raise ValueError(f"k must be an integer in [1, {available}] ({reason}). Received: k={k!r}")
+    if not excluding:
+        return index.search_arrays(queries, k)[1]
+    _, rows = index.search_arrays(queries, k + 1)
+    # Kept rows first, each group in rank order: drops the excluded row when it was found,
+    # else the (k + 1)-th.
+    order = np.argsort(rows == exclude_rows[:, None], axis=1, kind="stable")
+    return np.take_along_axis(rows, order, axis=1)[:, :k]
 
 
 def knn_classification(
@@ -137,46 +241,142 @@ def knn_classification(
     *,
     k: int = 5,
     metric: str = "cosine",
-    smallest_class: int | None = None,
-) -> dict[str, float]:
-    """Classifies test embeddings by majority vote of their k nearest training embeddings.
+    smallest_class=None,
+    index: Index | str = "exact",
+    class_names=None,
+    exclude_rows=None,
+) -> dict:
+    """Classifies test embeddings by majority vote of their k nearest training items in an index.
+
+    The neighbours come from a search index: by default an `ExactIndex` built here
+    from `train_embeddings`, a `ScannIndex` with `index="scann"` (brute force below
+    20k items, then ScaNN's approximate search), or any `Index` already holding
+    the training items (e.g. an archive's index loaded from disk).
 
     Args:
-        train_embeddings: Array (N_train, D), the gallery.
-        train_labels: Labels (N_train,) or (N_train, 1).
-        test_embeddings: Array (N_test, D), the queries.
+        train_embeddings: Array (N_train, D), the gallery; None when `index` is
+            an `Index` (which holds the gallery).
+        train_labels: Labels (N_train,) or (N_train, 1), in the row order of the
+            gallery; None with an `Index` reads `index.labels`.
+        test_embeddings: Array (N_test, D), the queries (bit codes for a Hamming
+            index).
         test_labels: Labels (N_test,) or (N_test, 1).
         k: Number of voting neighbours (the paper's K_p).
-        metric: Search metric, one of `tfmir.index.exact.METRICS`.
-        smallest_class: Class for "smallest_class_recall"; by default the class
-            with the fewest test items (see `classification_metrics`).
+        metric: Search metric of an index built here, one of
+            `tfmir.index.exact.METRICS`; a given `Index` keeps its own.
+        smallest_class: Class whose recall is RS. By default the smallest class
+            of the TRAINING labels (the lowest label among equally small ones):
+            the minority class is a property of the data set, not of the test
+            sample. For the test split's smallest class, pass
+            `find_smallest_class(test_labels)`. It must occur in `test_labels`.
+        index: `"exact"`, `"scann"`, or an `Index` of the training items.
+        class_names: Optional names of integer labels, keying "class_recall".
+        exclude_rows: Optional int array (N_test,): the gallery row each query
+            must not vote with (the query itself when the gallery holds it), -1
+            for none; see `neighbor_rows`.
 
     Returns:
         `classification_metrics` of the kNN predictions: `{"accuracy",
-        "mean_class_recall", "smallest_class_recall"}`. Ties are broken as in
+        "mean_class_recall", "smallest_class_recall", "smallest_class",
+        "class_recall"}`. Ties are broken by the nearest neighbour, as in
         `knn_predict`.
+
+    Raises:
+        ValueError: on lengths that differ, a gallery or index whose dimension
+            differs from the test embeddings', a k outside the gallery, or a
+            smallest class absent from `test_labels`.
 
     Example:
 
     >>> train = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
-    >>> knn_classification(train, [0, 0, 1], [[1.0, 0.2], [0.1, 1.0]], [0, 1], k=1)
-    {'accuracy': 1.0, 'mean_class_recall': 1.0, 'smallest_class_recall': 1.0}
+    >>> scores = knn_classification(train, [0, 0, 1], [[1.0, 0.2], [0.1, 1.0]], [0, 1], k=1)
+    >>> scores["accuracy"], scores["smallest_class"], scores["class_recall"]
+    (1.0, 1, {0: 1.0, 1: 1.0})
 
     Reference:
         Zhuang et al., "Deep kNN for Medical Image Classification", MICCAI 2020,
         https://doi.org/10.1007/978-3-030-59710-8_13
     """
-    train_labels = _as_label_vector(train_labels, "train_labels")
     test_labels = _as_label_vector(test_labels, "test_labels")
-    num_train = np.shape(train_embeddings)[0] if np.ndim(train_embeddings) else 0
-    num_test = np.shape(test_embeddings)[0] if np.ndim(test_embeddings) else 0
+    test_embeddings = np.asarray(test_embeddings)
+    num_test = test_embeddings.shape[0] if test_embeddings.ndim else 0
+    if test_embeddings.ndim != 2:
+        raise ValueError(
+            "test_embeddings must be 2-D (items, dimensions). "
+            f"Received: test_embeddings.shape={test_embeddings.shape}"
+        )
+    if isinstance(index, Index):
+        if train_embeddings is not None:
+            raise ValueError(
+                "Pass train_embeddings=None with an Index: the index holds the gallery. "
+                f"Received: train_embeddings of shape {np.shape(train_embeddings)} and {index!r}"
+            )
+        train_labels = index.labels if train_labels is None else train_labels
+        train_labels = _as_label_vector(train_labels, "train_labels")
+        num_train = len(index)
+        gallery = f"the {index.kind} index has dimension {index.dimension}"
+        dimension = index.dimension
+    elif index in INDEX_KINDS:
+        train_labels = _as_label_vector(train_labels, "train_labels")
+        train_embeddings = np.asarray(train_embeddings)
+        if train_embeddings.ndim != 2:
+            raise ValueError(
+                "train_embeddings must be 2-D (items, dimensions). "
+                f"Received: train_embeddings.shape={train_embeddings.shape}"
+            )
+        num_train = train_embeddings.shape[0]
+        gallery = f"the train embeddings have dimension {train_embeddings.shape[1]}"
+        dimension = train_embeddings.shape[1]
+    else:
+        raise ValueError(
+            f"index must be one of {INDEX_KINDS} or a tfmir.index.Index. Received: index={index!r}"
+        )
     if num_train != train_labels.shape[0] or num_test != test_labels.shape[0]:
         raise ValueError(
             "Embeddings and labels must have the same lengths. Received: "
             f"{num_train} train embeddings, {train_labels.shape[0]} train labels, "
             f"{num_test} test embeddings, {test_labels.shape[0]} test labels"
         )
-    _, indices = exact_search(test_embeddings, train_embeddings, k, metric=metric)
-    predictions = knn_predict(train_labels[indices], k)
-    return classification_metrics(test_labels, predictions, smallest_class=smallest_class)
+    if test_embeddings.shape[1] != dimension:
+        raise ValueError(
+            f"Dimension mismatch: the test embeddings have dimension {test_embeddings.shape[1]}, "
+            f"{gallery}. They must come from the same model."
+        )
+    if not isinstance(index, Index):
+        index = _build_index(index, metric, train_embeddings)
+    if smallest_class is None:
+        smallest_class = find_smallest_class(train_labels)
+    rows = neighbor_rows(index, test_embeddings, k, exclude_rows=exclude_rows)
+    predictions = knn_predict(train_labels[rows], k)
+    return classification_metrics(
+        test_labels, predictions, smallest_class=smallest_class, class_names=class_names
+    )
 
+
+def _build_index(kind, metric, embeddings):
+    from tfmir.index import ExactIndex, ScannIndex
+
+    index_class = ExactIndex if kind == "exact" else ScannIndex
+    index = index_class(metric=metric, dimension=embeddings.shape[1])
+    return index.build(embeddings, ids=np.arange(embeddings.shape[0]))
+
+
+def _class_namer(class_names, y_true):
+    """label -> its name in `class_names`, or the label itself when there are no names."""
+    if class_names is None:
+        return lambda label: label
+    class_names = [str(name) for name in class_names]
+    if not np.issubdtype(y_true.dtype, np.integer) or (
+        y_true.min() < 0 or y_true.max() >= len(class_names)
+    ):
+        raise ValueError(
+            f"With class_names ({len(class_names)} names), labels must be integers in "
+            f"[0, {len(class_names)}). Received: y_true of dtype {y_true.dtype} "
+            f"in [{y_true.min()}, {y_true.max()}]"
+        )
+    return lambda label: class_names[label]
+
+
+def _scalar(value):
+    """A NumPy scalar as the Python value (dict keys, JSON); anything else as it is."""
+    return value.item() if isinstance(value, np.generic) else value

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import keras
 
+from tfmir.losses import BatchHardTriplet
+from tfmir.losses import KNNTriplet
 from tfmir.losses import MultiSimilarity
 from tfmir.models import Embedder
 from tfmir.tasks.task import Task
 
-LOSSES = {"multi_similarity": MultiSimilarity}
+LOSSES = {"multi_similarity": MultiSimilarity, "knn_triplet": KNNTriplet,
+          "batch_hard_triplet": BatchHardTriplet}
 
 
 @keras.saving.register_keras_serializable(package="tfmir")

@@ -30,9 +30,10 @@ import keras
 import numpy as np
 
 from tfmir.data import Examples, make_dataset
-from tfmir.index.exact import METRICS, exact_search
+from tfmir.index.exact import METRICS, ExactIndex, exact_search
 from tfmir.index.hamming import sign_codes
-from tfmir.metrics import dice_score, iou_score, knn_classification, map_at_k
+from tfmir.metrics import (dice_score, find_smallest_class, iou_score, knn_classification,
+                           map_at_k)
 from tfmir.training.evaluation import _embed_function, embed_examples, evaluate_retrieval
 
 DEFAULT_BATCH_SIZE = 256
@@ -188,7 +189,8 @@ class KNNClassification(Evaluator):
     """kNN classification of the evaluation split against the training split: Acc, MCR, RS.
 
     Each evaluation embedding is classified by the majority label of its `num_neighbors` nearest
-    training embeddings. Keys: `knn_accuracy`, `knn_mcr` (mean class recall) and `knn_rs`
+    training embeddings (`tfmir.metrics.knn_classification` over one `ExactIndex` of the training
+    split). Keys: `knn_accuracy`, `knn_mcr` (mean class recall) and `knn_rs`
     (recall of the smallest class); with several neighbour counts, `knn@K_accuracy`,
     `knn@K_mcr`, `knn@K_rs` for each K.
 
@@ -252,8 +254,7 @@ class KNNClassification(Evaluator):
     def _smallest_class(self, train):
         if self.smallest_class is not None:
             return self.smallest_class
-        classes, counts = np.unique(train.labels, return_counts=True)
-        return int(classes[np.argmin(counts)])  # argmin: the lowest label among ties
+        return find_smallest_class(train.labels)
 
     def evaluate(self, model, examples: Examples, *, resize_size: int,
                  train: Examples | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
@@ -264,12 +265,15 @@ class KNNClassification(Evaluator):
                                            batch_size=batch_size)
         train_embeddings = cache.embeddings(model, train, resize_size=resize_size,
                                             batch_size=batch_size)
+        # One index over the training split serves every K_p; RS is the training split's
+        # smallest class unless one was given (see knn_classification).
+        index = ExactIndex(metric=self.metric, dimension=train_embeddings.shape[1])
+        index.build(train_embeddings, ids=np.arange(len(train)))
         smallest_class = self._smallest_class(train)
         metrics = {}
         for k in self.num_neighbors:
-            scores = knn_classification(train_embeddings, train.labels, test_embeddings,
-                                        examples.labels, k=k, metric=self.metric,
-                                        smallest_class=smallest_class)
+            scores = knn_classification(None, train.labels, test_embeddings, examples.labels,
+                                        k=k, index=index, smallest_class=smallest_class)
             prefix = self._prefix(k)
             metrics[f"{prefix}_accuracy"] = scores["accuracy"]
             metrics[f"{prefix}_mcr"] = scores["mean_class_recall"]
@@ -420,11 +424,109 @@ class SegmentationOverlap(Evaluator):
         return {key: total / num_images for key, total in totals.items()}
 
 
+class TrainingKNNClassification(KNNClassification):
+    """Leave-one-out kNN classification of (a fixed sample of) the training split: Acc, MCR, RS.
+
+    The training accuracy of paper 001's Fig. 2 (deep kNN against the triplet loss): each queried
+    training item is classified by the majority label of its `num_neighbors` nearest training
+    items, itself excluded. The gallery is the whole training split, whose embeddings the
+    `OutputCache` shares with `KNNClassification` (so beside it this evaluator embeds nothing);
+    the evaluation split is not used. Keys are those of `KNNClassification`, logged with the
+    prefix `train_` instead of `val_`: `train_knn_accuracy`, `train_knn_mcr`, `train_knn_rs` (or
+    `train_knn@K_...` for several K).
+
+    With `max_items`, only a sample of the training items are queries, drawn once per training
+    split (seeded; the same items every epoch): each class gets a share proportional to its
+    size, at least min(its size, max K + 1) items, about `max_items` in all. RS is the recall of
+    the training split's smallest class.
+
+    Args:
+        num_neighbors: K_p, or a tuple of them.
+        max_items: about how many training items are queried; None: all of them.
+        smallest_class: the class whose recall is RS (default: the training split's smallest).
+        metric: search metric, one of `tfmir.index.exact.METRICS`.
+        seed: seed of the sample.
+
+    Example:
+
+    ```python
+    TrainingKNNClassification((1, 5)).evaluate(embedder, val, resize_size=256, train=train)
+    # {"knn@1_accuracy": ..., ...}, logged as train_knn@1_accuracy, ...
+    ```
+
+    Reference:
+        Zhuang et al., "Deep kNN for Medical Image Classification", MICCAI 2020,
+        https://doi.org/10.1007/978-3-030-59710-8_13, Fig. 2.
+    """
+
+    log_prefix = "train_"
+
+    def __init__(self, num_neighbors: int | Sequence[int] = 1, max_items: int | None = None,
+                 smallest_class: int | None = None, metric: str = "cosine", seed: int = 0):
+        super().__init__(num_neighbors, smallest_class=smallest_class, metric=metric)
+        if max_items is not None and (not _is_int(max_items) or max_items < 1):
+            raise ValueError(f"max_items must be a positive integer or None. "
+                             f"Received: max_items={max_items!r}")
+        self.max_items = max_items
+        self.seed = seed
+        self._queries = (None, None)  # (training split, its query rows)
+
+    def query_rows(self, train: Examples) -> np.ndarray:
+        """The rows of `train` that are classified (the same ones on every call), sorted."""
+        if self._queries[0] is train:
+            return self._queries[1]
+        if self.max_items is None or len(train) <= self.max_items:
+            rows = np.arange(len(train))
+        else:
+            rng = np.random.default_rng(self.seed)
+            floor = max(self.num_neighbors) + 1
+            rows = []
+            for label in np.unique(train.labels):
+                members = np.flatnonzero(train.labels == label)
+                share = max(min(len(members), floor),
+                            int(round(self.max_items * len(members) / len(train))))
+                rows.append(rng.choice(members, min(share, len(members)), replace=False))
+            rows = np.sort(np.concatenate(rows))
+        self._queries = (train, rows)
+        return rows
+
+    def check(self, examples: Examples, train: Examples | None = None) -> None:
+        if train is None:
+            raise ValueError("TrainingKNNClassification classifies the training split. "
+                             "Received: train=None")
+        if len(train) <= max(self.num_neighbors):
+            raise ValueError(
+                f"the training split has {len(train)} items; leave-one-out kNN with "
+                f"num_neighbors={max(self.num_neighbors)} needs at least "
+                f"{max(self.num_neighbors) + 1}."
+            )
+
+    def evaluate(self, model, examples: Examples, *, resize_size: int,
+                 train: Examples | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
+                 cache: OutputCache | None = None) -> dict[str, float]:
+        self.check(examples, train)
+        embeddings = (cache or OutputCache()).embeddings(model, train, resize_size=resize_size,
+                                                         batch_size=batch_size)
+        rows = self.query_rows(train)
+        smallest_class = self._smallest_class(train)
+        metrics = {}
+        for k in self.num_neighbors:
+            scores = knn_classification(embeddings, train.labels, embeddings[rows],
+                                        train.labels[rows], k=k, metric=self.metric,
+                                        smallest_class=smallest_class, exclude_rows=rows)
+            prefix = self._prefix(k)
+            metrics[f"{prefix}_accuracy"] = scores["accuracy"]
+            metrics[f"{prefix}_mcr"] = scores["mean_class_recall"]
+            metrics[f"{prefix}_rs"] = scores["smallest_class_recall"]
+        return metrics
+
+
 EVALUATORS = {
     "recall": RecallAtK,
     "knn": KNNClassification,
     "map": MeanAveragePrecision,
     "segmentation": SegmentationOverlap,
+    "train_knn": TrainingKNNClassification,
 }
 
 
@@ -553,11 +655,17 @@ class Evaluation(keras.callbacks.Callback):
                                          train=self.train, batch_size=self.batch_size,
                                          cache=cache)
             for key, value in metrics.items():
-                logs[self.prefix + key] = float(value)
+                logs[_log_prefix(evaluator, self.prefix) + key] = float(value)
 
 
 def _log_keys(evaluators, examples, prefix):
-    return [prefix + name for evaluator in evaluators for name in evaluator.metric_names(examples)]
+    return [_log_prefix(evaluator, prefix) + name for evaluator in evaluators
+            for name in evaluator.metric_names(examples)]
+
+
+def _log_prefix(evaluator, prefix):
+    # An evaluator of another split than the evaluation one (the training split) names its own.
+    return getattr(evaluator, "log_prefix", None) or prefix
 
 
 def _as_list(evaluators):
