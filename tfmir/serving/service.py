@@ -14,8 +14,8 @@ in-process, or TF Serving) and checks, before any request, that they belong toge
 
 Thread safety: a loaded service is read-only, so `search` takes no lock and may run in many
 threads at once; only the decoding memory is shared out (`PixelBudget`: the pixels decoded at once
-stay under `max_image_pixels`). The index is never modified while serving; `ExactIndex` searches with TensorFlow
-ops on a read-only array, and ScaNN 1.4.2 releases the GIL in `search_batched` and answers
+stay under `max_image_pixels`). The index is never modified while serving; `ExactIndex` searches with faiss
+on a read-only array, and ScaNN 1.4.2 releases the GIL in `search_batched` and answers
 concurrent searches on one searcher (only `upsert`, never called here, modifies it). TensorFlow
 functions (the SavedModel signature, the Keras embedding function) may be called from several
 threads; the SavedModel, which `EmbeddingFunction` loads on first use, is loaded by the probe in
