@@ -48,20 +48,14 @@ Reference:
 from __future__ import annotations
 
 from tfmir.configs.config import Config, DataConfig, OptimizerConfig, SamplerConfig, TaskConfig
+from tfmir.configs.universal import EMBEDDER_MODELS
 
 SETTINGS = ("tiny", "cpu", "paper")
 
 # K and M of eq. 1-3 (the paper's K = M = 5); a batch needs k >= K + 1 images of each class.
 NUM_NEIGHBORS = 5
 
-_MODELS = {
-    "tiny": {"backbone": "small_resnet", "backbone_widths": [8, 16], "embedding_dim": 128,
-             "image_size": 32, "weights": None},
-    "cpu": {"backbone": "efficientnet_lite0", "backbone_widths": None, "embedding_dim": 128,
-            "image_size": 96, "weights": "imagenet", "freeze_batch_norm": True},
-    "paper": {"backbone": "resnet50", "backbone_widths": None, "embedding_dim": 128,
-              "image_size": 224, "weights": "imagenet"},
-}
+_MODELS = EMBEDDER_MODELS  # the same embedder per setting as paper 000's configs
 _RESIZE = {"tiny": 36, "cpu": 110, "paper": 256}
 _SCHEDULES = {
     # (most classes per batch, target batch size, learning rate, epochs, steps per epoch)

@@ -25,7 +25,8 @@ from tfmir.configs.config import Config, DataConfig, OptimizerConfig, SamplerCon
 SETTINGS = ("tiny", "cpu", "paper")
 
 # The embedder, the data sizes and the schedule of each setting.
-_MODELS = {
+# The embedder of each setting; paper 001's configs (deep_knn.py) train the same ones.
+EMBEDDER_MODELS = {
     "tiny": {"backbone": "small_resnet", "backbone_widths": [8, 16], "embedding_dim": 128,
              "image_size": 32, "weights": None},
     "cpu": {"backbone": "efficientnet_lite0", "backbone_widths": None, "embedding_dim": 128,
@@ -64,7 +65,7 @@ def _base(setting: str, task: TaskConfig, sampler: str) -> Config:
 def specialist(setting: str = "paper") -> Config:
     """A Multi-Similarity embedder on one or several sources (source-specific batches)."""
     _check(setting)
-    return _base(setting, TaskConfig(name="metric_learning", model=dict(_MODELS[setting]),
+    return _base(setting, TaskConfig(name="metric_learning", model=dict(EMBEDDER_MODELS[setting]),
                                      args={"loss": {}}), "source_aware")
 
 
@@ -76,5 +77,5 @@ def universal(setting: str = "paper") -> Config:
     as `--config.task.args.specialists="{'skin': 'runs/skin/best.keras', ...}"`.
     """
     _check(setting)
-    return _base(setting, TaskConfig(name="distillation", model=dict(_MODELS[setting]),
+    return _base(setting, TaskConfig(name="distillation", model=dict(EMBEDDER_MODELS[setting]),
                                      args={"specialists": {}, "delta": 1.0}), "source_aware")
