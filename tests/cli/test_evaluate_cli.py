@@ -82,6 +82,11 @@ def _oracle(query_vectors, query_labels, gallery_vectors, gallery_labels, self_r
         for first, second in zip(row[:depth], row[1:depth]):
             if gallery_labels[first] != gallery_labels[second]:
                 assert scores[first] - scores[second] > 1e-5, "near tie: use another seed"
+    return _metrics(ranked, query_labels, gallery_labels)
+
+
+def _metrics(ranked, query_labels, gallery_labels):
+    """Every number of the JSON from each query's gallery labels, nearest first."""
     retrieval = {}
     for k in KS:
         hits = [query_labels[q] in ranked[q][:k] for q in range(len(ranked))]
@@ -198,6 +203,36 @@ def test_queries_against_an_index_that_holds_them(model, folder, tmp_path):
                                          "gallery_items": 8,
                                          "queries": query_labels.count("rarest")}
     assert f"{len(queries)} of the {len(queries)} queries are gallery items" in result.stdout
+
+
+def test_kind_hamming_ranks_the_signs_of_a_float_model(model, folder, tmp_path):
+    output = tmp_path / "evaluation.json"
+    result = evaluate(f"--model={model['checkpoint']}", f"--data=skin={folder}", "--kind=hamming",
+                      f"--output_json={output}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    written = json.loads(output.read_text())
+    assert (written["gallery"]["kind"], written["gallery"]["metric"]) == ("hamming", "hamming")
+
+    # Oracle: bit i set where component i is positive; distances by an explicit loop over the
+    # bits, equal distances in gallery order.
+    splits = load_specs([f"skin={folder}"])
+    embed = load_embedding_function(model["checkpoint"])
+    test, train = splits["test"], splits["train"]
+    query_vectors, gallery_vectors = embed(test), embed(train)
+    assert min(np.abs(query_vectors).min(), np.abs(gallery_vectors).min()) > 1e-6  # no sign flips
+    gallery_labels = _names(train)
+    ranked = []
+    for query in query_vectors > 0:
+        distances = [(sum(int(a != b) for a, b in zip(query, item)), row)
+                     for row, item in enumerate(gallery_vectors > 0)]
+        ranked.append([gallery_labels[row] for _, row in sorted(distances)])
+    expected = _metrics(ranked, _names(test), gallery_labels)
+    _assert_matches(written, expected)
+
+    refused = evaluate(f"--model={model['checkpoint']}", f"--data=skin={folder}",
+                       "--kind=hamming", "--metric=l2")
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert "tfmir evaluate: error: --metric does not apply to --kind=hamming" in refused.stderr
 
 
 def _as_examples(paths):

@@ -2,15 +2,13 @@
 
 import json
 import os
-import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
-SCRIPT = pathlib.Path(__file__).resolve().parents[2] / "experiments" / "deep_knn_table2.py"
+from tests.experiments import run_smoke
+
 DATASETS = ("skin7", "pneumonia")
 RUNS = ("triplet", "deep_knn", "classifier", "deep_knn_star")
 MEASURED_ROWS = ("knn_efficientnet_lite0@1", "knn_efficientnet_lite0@5", "triplet@1",
@@ -21,22 +19,12 @@ MEASURED_ROWS = ("knn_efficientnet_lite0@1", "knn_efficientnet_lite0@5", "triple
 OPTIONAL_ROWS = ("knn_vgg19@1", "knn_vgg19@5", "knn_resnet50@1", "knn_resnet50@5")
 
 
-def _run(workdir, data_root):
-    command = [sys.executable, str(SCRIPT), "--smoke", f"--workdir={workdir}",
-               f"--data_root={data_root}"]
-    environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    completed = subprocess.run(command, capture_output=True, text=True, env=environment,
-                               timeout=900)
-    assert completed.returncode == 0, completed.stderr[-4000:]
-    return completed
-
-
 def test_smoke_run_writes_every_row_intervals_figure_and_resumes(tmp_path, shared_data_dir):
     for folder in ("ham10000_subset", "pneumoniamnist"):
         if not (shared_data_dir / folder).is_dir():
             pytest.skip(f"{folder} is not in the real data folder {shared_data_dir}")
     workdir = tmp_path / "table2"
-    _run(workdir, shared_data_dir)
+    run_smoke("deep_knn_table2.py", workdir, shared_data_dir)
 
     results = json.loads((workdir / "results.json").read_text())
     assert results["settings"]["config"] == "tiny"
@@ -86,7 +74,7 @@ def test_smoke_run_writes_every_row_intervals_figure_and_resumes(tmp_path, share
     assert pixels.shape[1] > 500 and pixels.std() > 5
     first_table = table
 
-    log = _run(workdir, shared_data_dir)
+    log = run_smoke("deep_knn_table2.py", workdir, shared_data_dir)
     rerun = json.loads((workdir / "results.json").read_text())
     assert all(rerun["runs"][dataset][run]["skipped"] for dataset in DATASETS for run in RUNS)
     assert "Running " not in log.stdout

@@ -1,16 +1,13 @@
 """End-to-end smoke run of experiments/universal_table1.py on the real data (tiny subsets)."""
 
 import json
-import os
-import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
-SCRIPT = pathlib.Path(__file__).resolve().parents[2] / "experiments" / "universal_table1.py"
+from tests.experiments import run_smoke
+
 METHODS = ("specialists", "concatenation", "naive", "ms_ss", "ms_bal", "universal")
 SOURCES = ("skin", "retina", "xray")
 RUNS = ("specialist_skin", "specialist_retina", "specialist_xray", "naive", "ms_ss", "ms_bal",
@@ -19,22 +16,12 @@ FIGURES = ("fig2_naive_recall.png", "fig3_distill_recall.png", "fig4_distance_ra
            "fig5_retrievals.png")
 
 
-def _run(workdir, data_root):
-    command = [sys.executable, str(SCRIPT), "--smoke", f"--workdir={workdir}",
-               f"--data_root={data_root}"]
-    environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    completed = subprocess.run(command, capture_output=True, text=True, env=environment,
-                               timeout=900)
-    assert completed.returncode == 0, completed.stderr[-4000:]
-    return completed
-
-
 def test_smoke_run_writes_table_results_figures_and_resumes(tmp_path, shared_data_dir):
     for folder in ("ham10000_subset", "retinamnist", "pneumoniamnist"):
         if not (shared_data_dir / folder).is_dir():
             pytest.skip(f"{folder} is not in the real data folder {shared_data_dir}")
     workdir = tmp_path / "table1"
-    _run(workdir, shared_data_dir)
+    run_smoke("universal_table1.py", workdir, shared_data_dir)
 
     results = json.loads((workdir / "results.json").read_text())
     for method in METHODS:
@@ -74,7 +61,7 @@ def test_smoke_run_writes_table_results_figures_and_resumes(tmp_path, shared_dat
         assert (workdir / run / "final.keras").exists()
     first_table = table
 
-    log = _run(workdir, shared_data_dir)
+    log = run_smoke("universal_table1.py", workdir, shared_data_dir)
     rerun = json.loads((workdir / "results.json").read_text())
     assert all(rerun["runs"][run]["skipped"] for run in RUNS)
     assert "Running " not in log.stdout

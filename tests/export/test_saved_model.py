@@ -27,10 +27,12 @@ from tfmir.export import (
     resolve_export_directory,
 )
 from tfmir.export import saved_model as saved_model_module
+from tests.models.stand_ins import hash_model
 from tfmir.models import Embedder
 from tfmir.samples import sample_path
 
 RESIZE_SIZE = 36  # the tiny preset's
+HASH_IMAGE_SIZE, HASH_RESIZE_SIZE = 16, 20
 PYTHON_OPS = {"EagerPyFunc", "PyFunc", "PyFuncStateless"}
 
 
@@ -81,6 +83,42 @@ def export_base(model, tmp_path_factory):
 @pytest.fixture(scope="module")
 def loaded(export_base):
     return tf.saved_model.load(str(export_base / "1"))
+
+
+# `import tensorflow` itself imports Keras when Keras is installed (tensorflow/__init__.py eagerly
+# imports keras.src.optimizers), so a TF-only child hides keras, tf_keras and tfmir as if they were
+# not installed: the SavedModel must need none of them.
+TF_ONLY_PRELUDE = textwrap.dedent("""
+    import importlib.abc, importlib.machinery, sys
+
+    class NotInstalled(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+        def find_spec(self, name, path=None, target=None):
+            if name.partition(".")[0] in ("keras", "tf_keras", "tfmir"):
+                return importlib.machinery.ModuleSpec(name, self)
+            return None
+
+        def create_module(self, spec):
+            raise ModuleNotFoundError(f"No module named {spec.name!r}")
+
+        def exec_module(self, module):
+            pass
+
+    sys.meta_path.insert(0, NotInstalled())
+    import numpy as np
+    import tensorflow as tf
+""")
+TF_ONLY_CHECK = textwrap.dedent("""
+    loaded = sorted(m for m in sys.modules if m.partition(".")[0] in ("keras", "tfmir"))
+    assert "keras" not in sys.modules and "tfmir" not in sys.modules, loaded
+    print("pure-tf-ok")
+""")
+
+
+def _run_tf_only(code: str, cwd, *arguments) -> None:
+    result = subprocess.run([sys.executable, "-c", code, *map(str, arguments)],
+                            capture_output=True, text=True, timeout=300, cwd=cwd,
+                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    assert result.returncode == 0 and "pure-tf-ok" in result.stdout, result.stderr[-3000:]
 
 
 def _keras_embeddings(model, encoded_images) -> np.ndarray:
@@ -136,63 +174,41 @@ def test_empty_batches_give_no_embeddings(loaded):
 
 def test_loads_and_runs_with_tensorflow_only_in_a_fresh_process(model, export_base, images,
                                                                  tmp_path):
-    # `import tensorflow` itself imports Keras when Keras is installed (tensorflow/__init__.py
-    # eagerly imports keras.src.optimizers), so the child hides keras, tf_keras and tfmir as if
-    # they were not installed: the SavedModel must need none of them.
     paths = []
     for name, encoded in images.items():
         paths.append(tmp_path / name)
         paths[-1].write_bytes(encoded)
-    code = textwrap.dedent("""
-        import importlib.abc, importlib.machinery, sys
-
-        class NotInstalled(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-            def find_spec(self, name, path=None, target=None):
-                if name.partition(".")[0] in ("keras", "tf_keras", "tfmir"):
-                    return importlib.machinery.ModuleSpec(name, self)
-                return None
-
-            def create_module(self, spec):
-                raise ModuleNotFoundError(f"No module named {spec.name!r}")
-
-            def exec_module(self, module):
-                pass
-
-        sys.meta_path.insert(0, NotInstalled())
-        import numpy as np
-        import tensorflow as tf
-
+    code = TF_ONLY_PRELUDE + textwrap.dedent("""
         serve = tf.saved_model.load(sys.argv[1]).signatures["serving_default"]
         images = [open(path, "rb").read() for path in sys.argv[3:]]
         np.save(sys.argv[2], serve(images=tf.constant(images))["embedding"].numpy())
-        loaded = sorted(m for m in sys.modules if m.partition(".")[0] in ("keras", "tfmir"))
-        assert "keras" not in sys.modules and "tfmir" not in sys.modules, loaded
-        print("pure-tf-ok")
-    """)
+    """) + TF_ONLY_CHECK
     output = tmp_path / "embeddings.npy"
-    result = subprocess.run(
-        [sys.executable, "-c", code, str(export_base / "1"), str(output), *map(str, paths)],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path,
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
-    assert result.returncode == 0 and "pure-tf-ok" in result.stdout, result.stderr[-3000:]
+    _run_tf_only(code, tmp_path, export_base / "1", output, *paths)
     np.testing.assert_allclose(np.load(output), _keras_embeddings(model, images.values()),
                                atol=1e-5)
 
 
-def test_export_holds_only_core_tensorflow_ops(export_base):
+def _op_types(export_directory) -> set:
     proto = saved_model_pb2.SavedModel()
-    proto.ParseFromString((export_base / "1" / "saved_model.pb").read_bytes())
+    proto.ParseFromString((export_directory / "saved_model.pb").read_bytes())
     op_types, function_names = set(), set()
     for meta_graph in proto.meta_graphs:
         op_types |= {node.op for node in meta_graph.graph_def.node}
         for function in meta_graph.graph_def.library.function:
             function_names.add(function.signature.name)
             op_types |= {node.op for node in function.node_def}
-    op_types -= function_names  # calls of library functions, checked through their bodies
-    assert {"DecodePng", "ExtractJpegShape", "Conv2D", "ResizeBilinear"} <= op_types
-    assert not op_types & PYTHON_OPS
-    unregistered = sorted(op for op in op_types if op_def_registry.get(op) is None)
-    assert not unregistered, f"ops not registered in TensorFlow: {unregistered}"
+    return op_types - function_names  # calls of library functions, checked through their bodies
+
+
+def test_export_holds_only_core_tensorflow_ops(export_base, hash_exports):
+    # The hashing export packs its bits in the graph too.
+    for directory in (export_base / "1", hash_exports[36][1]):
+        op_types = _op_types(directory)
+        assert {"DecodePng", "ExtractJpegShape", "Conv2D", "ResizeBilinear"} <= op_types
+        assert not op_types & PYTHON_OPS
+        unregistered = sorted(op for op in op_types if op_def_registry.get(op) is None)
+        assert not unregistered, f"ops not registered in TensorFlow: {unregistered}"
 
 
 def test_export_info_describes_the_export(model, export_base):
@@ -202,6 +218,8 @@ def test_export_info_describes_the_export(model, export_base):
     assert info["model_config"] == json.loads(json.dumps(model.get_config()))
     assert info["image_size"] == 32 and info["resize_size"] == RESIZE_SIZE
     assert info["embedding_dim"] == 128
+    assert (info["output"], info["output_kind"], info["model_outputs"]) == (
+        "embedding", "float", ["embedding"])
     assert info["max_image_pixels"] == 50_000_000 and info["tfmir_version"]
     assert set(info["signatures"]) == {"serving_default", "embed_pixels"}
     # Only what TF Serving expects sits beside saved_model.pb; the description is in assets.extra.
@@ -353,3 +371,127 @@ def test_resolve_export_directory_picks_the_newest_version(tmp_path):
     assert resolve_export_directory(tmp_path / "2") == str(tmp_path / "2")
     with pytest.raises(FileNotFoundError, match="No SavedModel in"):
         resolve_export_directory(tmp_path / "11")
+
+
+# --- Hashing models: {"code", "mask"} -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hash_exports(tmp_path_factory):
+    """{num_bits: (stand-in hashing model, its export directory)} for 36 (not a multiple of 8)
+    and 64 bits; the 64-bit model has no "mask" output."""
+    root = tmp_path_factory.mktemp("hash_exports")
+    exports = {}
+    for num_bits, with_mask in ((36, True), (64, False)):
+        model = hash_model(num_bits, HASH_IMAGE_SIZE, with_mask=with_mask, seed=num_bits)
+        export_saved_model(model, root / str(num_bits) / "1", resize_size=HASH_RESIZE_SIZE)
+        exports[num_bits] = (model, root / str(num_bits) / "1")
+    return exports
+
+
+def _keras_outputs(model, encoded_images) -> dict:
+    """The reference: eager decode + eval preprocessing, then the Keras model's outputs."""
+    pixels = np.stack([preprocess_image(decode_image(tf.constant(encoded)), training=False,
+                                        image_size=HASH_IMAGE_SIZE, resize_size=HASH_RESIZE_SIZE)
+                       for encoded in encoded_images])
+    outputs = {name: keras.ops.convert_to_numpy(value)
+               for name, value in model(pixels, training=False).items()}
+    # No code value on a rounding edge, so its sign (the bit) is the same in any graph.
+    assert np.abs(outputs["code"]).min() > 1e-4
+    return outputs
+
+
+def _check_codes(outputs: dict, values: np.ndarray) -> None:
+    """"code" holds np.packbits(values > 0) and "bits" the same bits as -1 / +1."""
+    num_bits = values.shape[1]
+    assert outputs["code"].dtype == np.uint8 and outputs["bits"].dtype == np.float32
+    assert outputs["code"].shape == (len(values), -(-num_bits // 8))
+    np.testing.assert_array_equal(outputs["code"], np.packbits(values > 0, axis=1))
+    np.testing.assert_array_equal(outputs["bits"], np.where(values > 0, 1.0, -1.0))
+
+
+def test_hash_signatures_give_packed_codes_bits_and_masks(hash_exports, images):
+    encoded = list(images.values())
+    for num_bits, (model, directory) in hash_exports.items():
+        loaded = tf.saved_model.load(str(directory))
+        expected = _keras_outputs(model, encoded)
+        served = loaded.signatures["serving_default"](images=tf.constant(encoded))
+        assert set(served) == {"code", "bits"}
+        _check_codes({name: value.numpy() for name, value in served.items()}, expected["code"])
+        # Different images give different codes, so the comparison means something.
+        assert len({bytes(row) for row in served["code"].numpy()}) > 1
+
+        pixels = np.random.default_rng(0).uniform(0, 255, (2, 30, 25, 3)).astype("float32")
+        from_pixels = loaded.signatures["embed_pixels"](pixels=tf.constant(pixels))
+        values = keras.ops.convert_to_numpy(model(preprocess_image(
+            pixels, training=False, image_size=HASH_IMAGE_SIZE,
+            resize_size=HASH_RESIZE_SIZE))["code"])
+        _check_codes({name: value.numpy() for name, value in from_pixels.items()}, values)
+
+        empty = loaded.signatures["serving_default"](images=tf.constant([], tf.string))
+        assert empty["code"].shape == (0, -(-num_bits // 8))
+        assert empty["bits"].shape == (0, num_bits)
+
+        if "mask" in expected:
+            segment = loaded.signatures["segment_images"]
+            masks = segment(images=tf.constant(encoded))["mask"].numpy()
+            assert masks.shape == (len(encoded), HASH_IMAGE_SIZE, HASH_IMAGE_SIZE, 1)
+            np.testing.assert_allclose(masks, expected["mask"], atol=1e-5)
+            assert segment(images=tf.constant([], tf.string))["mask"].shape == (0, 16, 16, 1)
+            # The header checks of serving_default guard this signature too.
+            with pytest.raises(tf.errors.InvalidArgumentError, match="shorter than the minimum"):
+                segment(images=tf.constant([_encode(np.zeros((4, 4, 3), np.uint8), "PNG")]))
+        else:
+            assert "segment_images" not in loaded.signatures
+
+
+def test_hash_exports_run_with_tensorflow_only(hash_exports, images, tmp_path):
+    paths = []
+    for name, encoded in images.items():
+        paths.append(tmp_path / name)
+        paths[-1].write_bytes(encoded)
+    code = TF_ONLY_PRELUDE + textwrap.dedent("""
+        images = tf.constant([open(path, "rb").read() for path in sys.argv[3:]])
+        loaded = tf.saved_model.load(sys.argv[1])
+        outputs = {name: value.numpy()
+                   for name, value in loaded.signatures["serving_default"](images=images).items()}
+        if "segment_images" in loaded.signatures:
+            outputs["mask"] = loaded.signatures["segment_images"](images=images)["mask"].numpy()
+        np.savez(sys.argv[2], **outputs)
+    """) + TF_ONLY_CHECK
+    for num_bits, (model, directory) in hash_exports.items():
+        output = tmp_path / f"outputs{num_bits}.npz"
+        _run_tf_only(code, tmp_path, directory, output, *paths)
+        expected = _keras_outputs(model, images.values())
+        with np.load(output) as served:
+            _check_codes({"code": served["code"], "bits": served["bits"]}, expected["code"])
+            assert ("mask" in served) == ("mask" in expected)
+            if "mask" in expected:
+                np.testing.assert_allclose(served["mask"], expected["mask"], atol=1e-5)
+
+
+def test_export_info_describes_a_hash_export(hash_exports):
+    info = read_export_info(hash_exports[36][1])
+    assert (info["output"], info["output_kind"], info["num_bits"]) == ("code", "hash", 36)
+    assert info["model_outputs"] == ["code", "mask"] and "embedding_dim" not in info
+    assert info["model_fingerprint"] == model_fingerprint(hash_exports[36][0])
+    codes = {"code": "uint8 [None, 5]", "bits": "float32 [None, 36]"}
+    assert info["signatures"] == {
+        "serving_default": {"inputs": {"images": "string [None]"}, "outputs": codes},
+        "embed_pixels": {"inputs": {"pixels": "float32 [None, None, None, 3]"}, "outputs": codes},
+        "segment_images": {"inputs": {"images": "string [None]"},
+                           "outputs": {"mask": "float32 [None, 16, 16, 1]"}},
+    }
+    info = read_export_info(hash_exports[64][1])
+    assert info["num_bits"] == 64 and set(info["signatures"]) == {"serving_default",
+                                                                  "embed_pixels"}
+    assert info["signatures"]["serving_default"]["outputs"]["code"] == "uint8 [None, 8]"
+
+
+def test_a_dict_model_without_a_retrieval_output_is_not_exported(tmp_path):
+    images = keras.Input((16, 16, 3))
+    model = keras.Model(images, {"mask": keras.layers.Conv2D(1, 1)(images)})
+    with pytest.raises(ValueError, match=r"expected an 'embedding' or a 'code' output. "
+                                         r"Received a model with outputs \['mask'\]"):
+        export_saved_model(model, tmp_path / "1", resize_size=16)
+    assert not (tmp_path / "1").exists()

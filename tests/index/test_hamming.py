@@ -120,6 +120,24 @@ def test_pack_bits_layout():
     assert pack_bits(np.ones((2, 130)), num_bits=130).shape == (2, 3)
 
 
+@pytest.mark.parametrize("num_bits", [36, 64, 128, 256])
+def test_pack_unpack_round_trip_and_popcount_distances(num_bits):
+    # Y-Net's code lengths: packed words unpack (little-endian bytes, MSB first) to the bits,
+    # padding zero, and the popcount of two codes' XOR, counted bit by bit in Python, is the
+    # number of differing bits.
+    rng = np.random.default_rng(num_bits)
+    bits = rng.integers(0, 2, size=(6, num_bits))
+    words = pack_bits(np.where(bits == 1, 1.0, -1.0), num_bits=num_bits)
+    unpacked = np.unpackbits(words.view(np.uint8), axis=1)
+    np.testing.assert_array_equal(unpacked[:, :num_bits], bits)
+    assert not unpacked[:, num_bits:].any()
+    for first in range(6):
+        for second in range(6):
+            popcount = sum(bin(int(a) ^ int(b)).count("1")
+                           for a, b in zip(words[first], words[second]))
+            assert popcount == int(np.sum(bits[first] != bits[second]))
+
+
 def test_packed_input_searches_like_bits():
     rng = np.random.default_rng(3)
     bits = rng.integers(0, 2, size=(60, 36))
@@ -144,6 +162,11 @@ def test_bad_codes_are_refused():
         pack_bits(np.array([[1 << 40]], dtype=np.uint64), num_bits=36)
     with pytest.raises(ValueError, match=r"queries: .*codes.shape=\(1, 35\)"):
         HammingIndex(dimension=36).build(np.zeros((2, 36)), ids=[0, 1]).search(np.zeros((1, 35)), 1)
+    # Real-valued queries (an embedding, a hashing model's tanh values) name the fix.
+    with pytest.raises(ValueError, match=r"queries: Bit codes must hold only \{0, 1\}, only "
+                                         r"\{-1, \+1\}, or bools. Received values such as: "
+                                         r"\[-0.5, 0.25\] .*tfmir.index.sign_codes"):
+        HammingIndex(dimension=2).build([[1, 0]], ids=[0]).search([[0.25, -0.5]], 1)
 
 
 def test_save_load_keeps_packed_codes(tmp_path):

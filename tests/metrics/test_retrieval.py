@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from tfmir.metrics import average_precisions
 from tfmir.metrics import map_at_k
 from tfmir.metrics import precision_at_k
 from tfmir.metrics import recall_at_k
@@ -57,6 +58,12 @@ def test_map_at_k_by_hand():
     #   query 0: (1 + 2/3) / 2 = 5/6;  query 1: (1/2 + 2/3) / 2 = 7/12;  queries 2, 3: 0
     #   mean = (10/12 + 7/12) / 4 = 17/48
     assert map_at_k(QUERY_LABELS, NEIGHBOR_LABELS, 3) == pytest.approx(17 / 48)
+
+
+def test_average_precisions_by_hand():
+    # The per-query values of the k=5 case above: 5/6, 53/90, 0, 1/5.
+    values = average_precisions(QUERY_LABELS, NEIGHBOR_LABELS, 5)
+    np.testing.assert_allclose(values, [5 / 6, 53 / 90, 0.0, 1 / 5])
 
 
 def test_map_without_any_relevant_item_is_zero():

@@ -1,4 +1,5 @@
-"""Helpers shared by the serving tests: a tiny archive of real PH2 images, HTTP, an exact oracle.
+"""Helpers shared by the serving tests: a tiny archive of real PH2 images, HTTP, an exact oracle,
+and a stand-in for TF Serving's REST API.
 
 `build_archive` writes a tiny model (`.keras` with its config.json, and a SavedModel export whose
 own pixel guard is `EXPORT_MAX_IMAGE_PIXELS`) and a ScaNN index of 24 real PH2 dermoscopy images
@@ -6,12 +7,14 @@ in two sources ("skin", "derm") and two labels. `exact_answer` is the oracle: Nu
 over the index's stored vectors and table, and an explicit majority vote (ties to the nearest).
 """
 
+import base64
 import dataclasses
 import http.client
 import io
 import json
 import pathlib
 import urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 from PIL import Image
@@ -150,3 +153,63 @@ def assert_same_answer(answer: dict, expected: dict, atol: float = 1e-5) -> None
     np.testing.assert_allclose([row["score"] for row in answer["results"]],
                                [row["score"] for row in expected["results"]], atol=atol)
     assert answer["predicted_label"] == expected["predicted_label"]
+
+
+class FakeTFServing(ThreadingHTTPServer):
+    """TF Serving's REST predict API for model `tfmir`, answered by the real SavedModel.
+
+    Answers as TF Serving's row format does: a bare value per instance when the signature has one
+    output ({"predictions": [[...], ...]}), an object of named values when it has several (a
+    hashing model's {"code", "bits"}).
+    """
+
+    daemon_threads = True
+
+    def __init__(self, export):
+        import tensorflow as tf
+
+        from tfmir.export import resolve_export_directory
+
+        self.signature = tf.saved_model.load(
+            resolve_export_directory(export)).signatures["serving_default"]
+        self.requests = []
+        self.failure = None  # (status, payload) to answer instead, e.g. (503, {...})
+        super().__init__(("127.0.0.1", 0), _FakeTFServingHandler)
+
+    @property
+    def model_url(self):
+        return f"http://127.0.0.1:{self.server_address[1]}/v1/models/tfmir"
+
+
+class _FakeTFServingHandler(BaseHTTPRequestHandler):
+    def do_POST(self):  # noqa: N802
+        import tensorflow as tf
+
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.server.requests.append(body)
+        if self.server.failure:
+            return self._answer(*self.server.failure)
+        if self.path != "/v1/models/tfmir:predict":
+            return self._answer(404, {"error": "Servable not found for request"})
+        images = [base64.b64decode(instance["b64"]) for instance in body["instances"]]
+        try:
+            outputs = self.server.signature(images=tf.constant(images))
+        except tf.errors.InvalidArgumentError as error:  # what TF Serving answers 400 for
+            return self._answer(400, {"error": error.message})
+        values = {name: value.numpy().tolist() for name, value in outputs.items()}
+        if len(values) == 1:
+            (predictions,) = values.values()
+        else:
+            predictions = [dict(zip(values, row)) for row in zip(*values.values())]
+        self._answer(200, {"predictions": predictions})
+
+    def _answer(self, status, payload):
+        body = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass

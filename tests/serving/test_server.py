@@ -8,14 +8,13 @@ import select
 import socket
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
 
-from tests.serving import (EXPORT_MAX_IMAGE_PIXELS, NUM_INDEXED, RESIZE_SIZE, as_png,
-                           assert_same_answer, build_archive, multipart, png_header, request,
-                           search)
+from tests.serving import (EXPORT_MAX_IMAGE_PIXELS, NUM_INDEXED, RESIZE_SIZE, FakeTFServing,
+                           as_png, assert_same_answer, build_archive, multipart, png_header,
+                           request, search)
 from tfmir.serving import (DEFAULT_MAX_IMAGE_PIXELS, RequestError, SearchError, SearchServer,
                            check_image, make_server)
 from tfmir.serving.backends import model_error_message
@@ -42,56 +41,6 @@ class _Running:
         self.server.shutdown()
         self.server.server_close()
         self.thread.join(timeout=60)
-
-
-class FakeTFServing(ThreadingHTTPServer):
-    """TF Serving's REST predict API for model `tfmir`, answered by the real SavedModel."""
-
-    daemon_threads = True
-
-    def __init__(self, export):
-        import tensorflow as tf
-
-        from tfmir.export import resolve_export_directory
-
-        self.signature = tf.saved_model.load(
-            resolve_export_directory(export)).signatures["serving_default"]
-        self.requests = []
-        self.failure = None  # (status, payload) to answer instead, e.g. (503, {...})
-        super().__init__(("127.0.0.1", 0), _FakeTFServingHandler)
-
-    @property
-    def model_url(self):
-        return f"http://127.0.0.1:{self.server_address[1]}/v1/models/tfmir"
-
-
-class _FakeTFServingHandler(BaseHTTPRequestHandler):
-    def do_POST(self):  # noqa: N802
-        import tensorflow as tf
-
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        self.server.requests.append(body)
-        if self.server.failure:
-            return self._answer(*self.server.failure)
-        if self.path != "/v1/models/tfmir:predict":
-            return self._answer(404, {"error": "Servable not found for request"})
-        images = [base64.b64decode(instance["b64"]) for instance in body["instances"]]
-        try:
-            embeddings = self.server.signature(images=tf.constant(images))["embedding"]
-        except tf.errors.InvalidArgumentError as error:  # what TF Serving answers 400 for
-            return self._answer(400, {"error": error.message})
-        self._answer(200, {"predictions": embeddings.numpy().tolist()})
-
-    def _answer(self, status, payload):
-        body = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,16 @@ def fixed_batch(task, examples, config):
     return next(iter(dataset))
 
 
+def assert_same_outputs(actual, expected, atol=1e-6):
+    """Equal model outputs: one tensor, or a dict of them (a Y-Net's {"code", "mask"})."""
+    if isinstance(expected, dict):
+        assert set(actual) == set(expected)
+        for key in expected:
+            np.testing.assert_allclose(actual[key], expected[key], atol=atol, err_msg=key)
+    else:
+        np.testing.assert_allclose(actual, expected, atol=atol)
+
+
 def training_loss(task, x, y):
     return float(task.compute_loss(x, y, task(x, training=True), training=True))
 
@@ -50,15 +60,14 @@ def run_task_test(make_task, config, examples, tmp_path):
     rebuilt = type(task).from_config(task.get_config())
     rebuilt.set_weights(task.get_weights())
     images = x["image"][:4]
-    np.testing.assert_allclose(rebuilt.deployable_model(images, training=False),
-                               deployable(images, training=False), atol=1e-6)
+    assert_same_outputs(rebuilt.deployable_model(images, training=False),
+                        deployable(images, training=False))
 
     # The deployable model is what best.keras, export and index hold.
     path = tmp_path / "deployable.keras"
     deployable.save(path)
     restored = keras.saving.load_model(path)
-    np.testing.assert_allclose(restored(images, training=False), deployable(images, training=False),
-                               atol=1e-6)
+    assert_same_outputs(restored(images, training=False), deployable(images, training=False))
     return task
 
 

@@ -100,9 +100,9 @@ def test_the_same_classifier_run_twice_gives_identical_weights(sample, tmp_path)
 def test_unknown_task_and_task_arguments_are_named(sample):
     config = specialist_config()
     with pytest.raises(ValueError, match=r"task must be one of \['classification', "
-                                         r"'distillation', 'metric_learning'\]. "
-                                         r"Received: task='y_net'"):
-        build_task(override(config, {"task.name": "y_net"}).task, sample)
+                                         r"'distillation', 'metric_learning', 'ynet'\]. "
+                                         r"Received: task='hash_net'"):
+        build_task(override(config, {"task.name": "hash_net"}).task, sample)
     with pytest.raises(ValueError, match=r"unknown metric_learning argument\(s\) \['margin'\]"):
         build_task(override(config, {"task.args.margin": 0.1}).task, sample)
     with pytest.raises(ValueError, match=r"specialists names sources \['ct'\]"):

@@ -23,6 +23,7 @@ from tfmir.training.evaluators import (
     OutputCache,
     RecallAtK,
     SegmentationOverlap,
+    TrainingKNNClassification,
     check_monitor,
     make_evaluator,
 )
@@ -35,8 +36,8 @@ def _unit(degrees):
     return np.stack([np.cos(radians), np.sin(radians)], axis=1).astype(np.float32)
 
 
-def _table_model(rows: dict[int, np.ndarray], width: int = 2) -> keras.Model:
-    """Images filled with value v -> rows[v]."""
+def _lookup(rows: dict[int, np.ndarray], width: int):
+    """A function from images filled with value v to rows[v]."""
     table = np.zeros((256, width), np.float32)
     for value, row in rows.items():
         table[value] = row
@@ -46,7 +47,22 @@ def _table_model(rows: dict[int, np.ndarray], width: int = 2) -> keras.Model:
         values = keras.ops.cast(keras.ops.round(images[:, 0, 0, 0]), "int32")
         return keras.ops.take(table, values, axis=0)
 
-    return keras.Sequential([keras.Input((SIZE, SIZE, 3)), keras.layers.Lambda(lookup)])
+    return lookup
+
+
+def _table_model(rows: dict[int, np.ndarray], width: int = 2) -> keras.Model:
+    """Images filled with value v -> rows[v]."""
+    return keras.Sequential([keras.Input((SIZE, SIZE, 3)),
+                             keras.layers.Lambda(_lookup(rows, width))])
+
+
+def _hash_table_model(rows: dict[int, np.ndarray], width: int, with_mask: bool = True):
+    """A hashing model's outputs: {"code": rows[v] (signs = bits), "mask": red channel / 255}."""
+    images = keras.Input((SIZE, SIZE, 3))
+    outputs = {"code": keras.layers.Lambda(_lookup(rows, width))(images)}
+    if with_mask:
+        outputs["mask"] = keras.layers.Lambda(lambda pixels: pixels[..., :1] / 255.0)(images)
+    return keras.Model(images, outputs)
 
 
 def _examples(values, labels, sources="x", num_classes=None, **fields) -> Examples:
@@ -253,6 +269,76 @@ def test_map_on_hamming_codes_matches_a_loop_with_many_ties():
     for k in (1, 4, 10):
         metrics = MeanAveragePrecision(k=k, codes=True).evaluate(model, examples, resize_size=SIZE)
         assert metrics[f"map@{k}"] == pytest.approx(_hamming_map_oracle(outputs > 0, labels, k))
+
+
+def _hamming_fixture():
+    """The four outputs of the test above (codes 1111 c0, 1110 c1, 1101 c0, 0000 c1) and two test
+    items (values 4, 5, both c0), as the "code" output of a hashing model and as a plain model's
+    one output.
+
+    Queries of the split itself, k=1, ties in index order (Hamming) or by cosine on the values:
+      x0 -> x1 (1, tied with x2) c1 miss       cosine: x2 hit
+      x1 -> x0 (1) c0 miss                     cosine: x0 miss
+      x2 -> x0 (1) hit                         cosine: x0 hit
+      x3 -> x1 (3, tied with x2) c1 hit        cosine: x1 hit
+      Recall@1 = leave-one-out kNN accuracy = 2/4 (cosine: 3/4).
+    Test items against the split, k=1:
+      q0 = [.5, .5, .5, .5] (1111) -> x0 (0) c0 right      cosine: x0 right
+      q1 = [-.1, -.1, -.1, .9] (0001) -> x3 (1) c1 wrong   cosine: x2 (c0) right
+      Acc 1/2, MCR (only c0 queried) 1/2, RS (c0: lowest of the equal classes) 1/2; cosine: 1.
+    """
+    outputs = np.array([
+        [0.9, 0.2, 0.1, 0.8],
+        [0.1, 0.1, 0.9, -0.1],
+        [0.9, 0.2, -0.01, 0.8],
+        [-0.3, 0.0, -0.1, -2.0],
+        [0.5, 0.5, 0.5, 0.5],
+        [-0.1, -0.1, -0.1, 0.9],
+    ], np.float32)
+    rows = dict(enumerate(outputs))
+    split = _examples(range(4), [0, 1, 0, 1], masks=np.zeros((4, SIZE, SIZE), np.uint8))
+    test = _examples([4, 5], [0, 0], num_classes=2)
+    return _hash_table_model(rows, 4), _table_model(rows, width=4), split, test, outputs
+
+
+def test_a_hashing_model_is_ranked_by_hamming_distance():
+    hasher, plain, split, test, outputs = _hamming_fixture()
+    # mAP: codes default from the model's output kind; codes=False ranks the values by cosine.
+    assert MeanAveragePrecision(k=2).evaluate(hasher, split, resize_size=SIZE) == pytest.approx(
+        {"map@2": 0.625})
+    by_cosine = MeanAveragePrecision(k=2).evaluate(plain, split, resize_size=SIZE)
+    assert by_cosine["map@2"] != pytest.approx(0.625)
+    assert MeanAveragePrecision(k=2, codes=False).evaluate(hasher, split, resize_size=SIZE) == \
+        pytest.approx(by_cosine)
+
+    assert RecallAtK(ks=(1,)).evaluate(hasher, split, resize_size=SIZE) == pytest.approx(
+        {"recall@1": 2 / 4})
+    assert RecallAtK(ks=(1,)).evaluate(plain, split, resize_size=SIZE) == pytest.approx(
+        {"recall@1": 3 / 4})
+    expected = {"knn_accuracy": 1 / 2, "knn_mcr": 1 / 2, "knn_rs": 1 / 2}
+    assert KNNClassification().evaluate(hasher, test, resize_size=SIZE, train=split) == \
+        pytest.approx(expected)
+    assert KNNClassification().evaluate(plain, test, resize_size=SIZE, train=split) == \
+        pytest.approx({"knn_accuracy": 1.0, "knn_mcr": 1.0, "knn_rs": 1.0})
+    assert TrainingKNNClassification().evaluate(
+        hasher, test, resize_size=SIZE, train=split)["knn_accuracy"] == pytest.approx(2 / 4)
+
+    # The cache holds the retrieval output itself: the real-valued codes, not the mask.
+    np.testing.assert_array_equal(OutputCache().embeddings(hasher, split, resize_size=SIZE),
+                                  outputs[:4])
+
+
+def test_segmentation_reads_the_mask_output_of_a_hashing_model():
+    predictions, truths = _half_masks()
+    examples = Examples(labels=[0, 0], sources="x", ids=["a", "b"], class_names=["0"],
+                        images=np.repeat(predictions[..., None], 3, axis=-1), masks=truths)
+    hasher = _hash_table_model({0: [1.0, -1.0], 255: [-1.0, 1.0]}, 2)
+    metrics = SegmentationOverlap().evaluate(hasher, examples, resize_size=SIZE, batch_size=1)
+    assert metrics == pytest.approx({"dice": 3 / 4, "iou": 2 / 3})
+    without_mask = _hash_table_model({0: [1.0, -1.0]}, 2, with_mask=False)
+    with pytest.raises(ValueError, match=r"SegmentationOverlap needs the model's 'mask' output. "
+                                         r"Received a model with outputs \['code'\]"):
+        SegmentationOverlap().evaluate(without_mask, examples, resize_size=SIZE)
 
 
 def test_map_check():

@@ -4,13 +4,15 @@
     tfmir evaluate --model=exported/tfmir --data=skin=path/to/folder --index=indexes/skin \
         --output_json=evaluation.json
 
-The queries are the --splits (default: test) of the --data specs (as in `tfmir train`; the data
-must be labelled). The gallery is either the --gallery_split (default: train) of the same data,
-embedded with --model and searched through an exact (or --kind=scann) index, or an existing
---index directory, which must have been built by --model with the same preprocessing (checked
-against its manifest, as `tfmir search` does) and must label every item: an index with unlabelled
-rows is refused. The labels of an index are class names, matched by name with the classes of
---data (`tfmir index` names them the same way).
+The queries are the --splits (default: test) of the --data specs (as in `tfmir train`; the data must
+be labelled). The gallery is either the --gallery_split (default: train) of the same data, embedded
+with --model and searched through an exact (or --kind=scann, or --kind=hamming: the signs of the
+embeddings) index, or an existing --index directory, which must have been built by --model with the
+same preprocessing (checked against its manifest, as `tfmir search` does) and must label every item:
+an index with unlabelled rows is refused. The labels of an index are class names, matched by name
+with the classes of --data (`tfmir index` names them the same way). A hashing model (a "code"
+output, e.g. Y-Net) is scored on Hamming ranking (equal distances in gallery order): its gallery
+split goes into a hamming index (--kind=auto, the default), and an --index must be a hamming one.
 
 Conventions (also written into the JSON under "conventions"):
 
@@ -69,11 +71,14 @@ _SMALLEST_CLASS = flags.DEFINE_string(
     "smallest_class", None, "Class name whose recall is RS (default: the gallery's class with "
     "the fewest items, i.e. the training split's smallest class). It must occur among the "
     "queries.")
-_KIND = flags.DEFINE_enum("kind", "exact", ["exact", "scann"],
-                          "Index built over --gallery_split (not with --index).")
+_KIND = flags.DEFINE_enum("kind", "auto", ["auto", "exact", "scann", "hamming"],
+                          "Index built over --gallery_split (not with --index); auto is exact "
+                          "for an embedding model and hamming for a model that outputs hash "
+                          "codes, which need hamming (or auto).")
 _METRIC = flags.DEFINE_enum("metric", "cosine", ["cosine", "dot", "l2"],
-                            "Similarity of the index built over --gallery_split (an --index "
-                            "keeps its own).")
+                            "Similarity of an exact or scann index built over --gallery_split "
+                            "(an --index keeps its own; hamming always uses the Hamming "
+                            "distance).")
 _OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Also write the results here as JSON.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --output_json.")
 _RESIZE_SIZE = flags.DEFINE_integer(
@@ -131,6 +136,9 @@ def check_flags() -> dict:
     if _INDEX.value is None and _GALLERY_SPLIT.value not in SPLITS:
         raise EvaluateError(f"--gallery_split must be one of {', '.join(SPLITS)}. Received: "
                             f"--gallery_split={_GALLERY_SPLIT.value}")
+    if _KIND.value == "hamming" and _METRIC.present:
+        raise EvaluateError("--metric does not apply to --kind=hamming: a hamming index always "
+                            "uses the Hamming distance.")
     if _INDEX.value is not None:
         given = [f"--{flag.name}" for flag in (_GALLERY_SPLIT, _KIND, _METRIC) if flag.present]
         if given:
@@ -225,7 +233,8 @@ def index_gallery(embed, names: list[str]):
     from tfmir.serving.retrieval import SearchError, load_index
 
     try:
-        index = load_index(_INDEX.value, embed.fingerprint, embed.preprocessing)
+        index = load_index(_INDEX.value, embed.fingerprint, embed.preprocessing,
+                           query_kind=embed.kind, model=embed.description)
     except SearchError as error:
         raise EvaluateError(str(error)) from error
     labels = index.labels.tolist()
@@ -290,8 +299,8 @@ def evaluate() -> dict:
     import numpy as np
 
     from tfmir.data.specs import load_specs
-    from tfmir.index import ExactIndex, ScannIndex, sign_codes
-    from tfmir.index.embedding import load_embedding_function
+    from tfmir.index import ExactIndex, HammingIndex, ScannIndex, sign_codes
+    from tfmir.index.embedding import index_kind_for, load_embedding_function
     from tfmir.metrics import knn_classification, map_at_k, neighbor_rows, recall_at_k
 
     try:
@@ -307,6 +316,15 @@ def evaluate() -> dict:
                                         batch_size=_BATCH_SIZE.value)
     except ValueError as error:
         raise EvaluateError(f"cannot read --model: {error}") from error
+    try:
+        kind = index_kind_for(_KIND.value, embed)
+    except ValueError as error:
+        raise EvaluateError(str(error)) from error
+    if kind == "auto":
+        kind = "exact"
+    if kind == "hamming" and _METRIC.present:
+        raise EvaluateError(f"--metric does not apply to {embed.description}: "
+                            f"{embed.describe_output()} is searched by Hamming distance.")
 
     if _INDEX.value is not None:
         index, gallery_codes, gallery = index_gallery(embed, names)
@@ -322,8 +340,9 @@ def evaluate() -> dict:
         exclude_rows = np.full(len(queries), -1, np.int64)
         own = origin == _GALLERY_SPLIT.value
         exclude_rows[own] = np.arange(int(own.sum()))
-        gallery = {"from": "split", "split": _GALLERY_SPLIT.value, "kind": _KIND.value,
-                   "metric": _METRIC.value, "num_items": len(gallery_examples)}
+        gallery = {"from": "split", "split": _GALLERY_SPLIT.value, "kind": kind,
+                   "metric": "hamming" if kind == "hamming" else _METRIC.value,
+                   "num_items": len(gallery_examples)}
         index = None
     excluding = bool(np.any(exclude_rows >= 0))
     check_ks(ks, gallery["num_items"], excluding)
@@ -339,10 +358,14 @@ def evaluate() -> dict:
         print(f"Embedding the gallery: {len(gallery_examples)} items of the "
               f"{_GALLERY_SPLIT.value} split")
         gallery_vectors = embed_all(embed, gallery_examples, "gallery items")
-        index_class = ExactIndex if _KIND.value == "exact" else ScannIndex
-        index = index_class(metric=_METRIC.value, dimension=gallery_vectors.shape[1],
-                            model_fingerprint=embed.fingerprint,
-                            preprocessing=embed.preprocessing)
+        identity = dict(dimension=gallery_vectors.shape[1], model_fingerprint=embed.fingerprint,
+                        preprocessing=embed.preprocessing)
+        if kind == "hamming":
+            index = HammingIndex(**identity)
+            gallery_vectors = sign_codes(gallery_vectors)
+        else:
+            index = (ExactIndex if kind == "exact" else ScannIndex)(metric=_METRIC.value,
+                                                                    **identity)
         index.build(gallery_vectors, ids=np.arange(len(gallery_examples)))
     if index.kind == "hamming":
         query_vectors = sign_codes(query_vectors)  # as `tfmir search` makes query codes

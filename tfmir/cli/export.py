@@ -5,9 +5,11 @@
 
 Writes <output>/<version>/ (saved_model.pb, variables/, assets.extra/export_info.json), the layout
 TF Serving expects under its --model_base_path. Signatures: `serving_default` (a batch of JPEG or
-PNG bytes -> `embedding`) and `embed_pixels` (float pixels in [0, 255] -> `embedding`). The
-resize side comes from the `config.json` that `tfmir train` writes next to the checkpoint, unless
---resize_size is given.
+PNG bytes -> `embedding`) and `embed_pixels` (float pixels in [0, 255] -> `embedding`); a model
+that outputs hash codes (a "code" output) answers both with `code` (packed bits, uint8) and
+`bits` (±1), and a model with a "mask" output adds `segment_images` (bytes -> `mask` at the
+model's input crop). The resize side comes from the `config.json` that `tfmir train` writes next
+to the checkpoint, unless --resize_size is given.
 """
 
 from __future__ import annotations

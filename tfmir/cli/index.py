@@ -12,7 +12,9 @@ default) and also a plain folder of images without class sub-folders (unlabelled
 
 --kind=hamming keeps one bit per embedding component, its sign (`tfmir.index.sign_codes`: D-bit
 codes for D-dimensional embeddings), and searches by Hamming distance; `tfmir search` and
-`tfmir serve` turn query embeddings into codes the same way.
+`tfmir serve` turn query embeddings into codes the same way. A hashing model (one with a "code"
+output, e.g. Y-Net) gives k-bit hash codes: --kind=auto builds a hamming index of them, and
+--kind=exact or --kind=scann is refused before anything is embedded.
 
 An existing index at --output is replaced only with --overwrite (atomically: a reader sees the
 old index or the new one), and a second `tfmir index` on the same --output while one runs is
@@ -71,9 +73,10 @@ _SPLITS = flags.DEFINE_list("splits", ["train", "val", "test"],
                             "Splits of each spec to index (default: all of them).")
 _KIND = flags.DEFINE_enum(
     "kind", "auto", ["auto", "exact", "scann", "hamming"],
-    "Index kind; auto is ScaNN when it imports, else exact. hamming stores the sign of each "
-    "embedding component as one bit (D-bit codes for D-dimensional embeddings) and searches by "
-    "Hamming distance; `tfmir search` and `tfmir serve` binarize queries the same way.")
+    "Index kind; auto is ScaNN when it imports, else exact, and hamming for a model that outputs "
+    "hash codes. hamming stores the sign of each embedding component as one bit (D-bit codes for "
+    "D-dimensional embeddings) and searches by Hamming distance; `tfmir search` and `tfmir "
+    "serve` binarize queries the same way. A hashing model's codes need hamming (or auto).")
 _METRIC = flags.DEFINE_enum("metric", "cosine", ["cosine", "dot", "l2"],
                             "Similarity metric of an exact or scann index (a hamming index "
                             "always uses the Hamming distance).")
@@ -195,6 +198,7 @@ def _source_and_location(spec: str) -> tuple[str | None, str]:
 
 
 def make_index(kind: str, metric: str, dimension: int, fingerprint: str, preprocessing: dict):
+    """An empty index of `kind` ("auto": ScaNN when it imports, else exact)."""
     from tfmir.index import ExactIndex, HammingIndex, ScannIndex
 
     identity = {"model_fingerprint": fingerprint, "preprocessing": preprocessing}
@@ -329,16 +333,24 @@ def _refuse_existing_output(output: str) -> None:
 
 
 def _load_inputs(model: str, specs):
-    """(parts as `load_parts` returns them, the `EmbeddingFunction` of --model)."""
-    from tfmir.index.embedding import load_embedding_function
+    """(parts as `load_parts` returns them, the `EmbeddingFunction` of --model, the index kind).
+
+    The kind is resolved from --kind and the model's output before anything is embedded: a
+    hashing model's codes go into a hamming index, and a float index kind is refused for them.
+    """
+    from tfmir.index.embedding import index_kind_for, load_embedding_function
 
     parts = load_parts(specs, _SPLITS.value)
     try:
         embed = load_embedding_function(model, resize_size=_RESIZE_SIZE.value,
                                         batch_size=_BATCH_SIZE.value)
+        kind = index_kind_for(_KIND.value, embed)
     except ValueError as error:
         raise IndexCommandError(str(error)) from error
-    return parts, embed
+    if kind == "hamming" and _METRIC.present:
+        raise IndexCommandError(f"--metric does not apply to {embed.description}: "
+                                f"{embed.describe_output()} is searched by Hamming distance.")
+    return parts, embed, kind
 
 
 def _owners(numbers, num_workers: int | None) -> str:
@@ -366,7 +378,7 @@ def embed_worker_slice(model: str, specs, output: str, num_workers: int,
                                        worker_shard_numbers)
 
     _refuse_existing_output(output)
-    parts, embed = _load_inputs(model, specs)
+    parts, embed, _ = _load_inputs(model, specs)
     total = sum(len(examples) for examples, _ in parts)
     num_shards = -(-total // _SHARD_SIZE.value)
     numbers = worker_shard_numbers(num_shards, num_workers, worker_index)
@@ -401,7 +413,7 @@ def _build_index(model: str, specs, output: str, num_workers: int | None) -> Non
                                        read_shards)
 
     _refuse_existing_output(output)
-    parts, embed = _load_inputs(model, specs)
+    parts, embed, kind = _load_inputs(model, specs)
     total = sum(len(examples) for examples, _ in parts)
     shards = output + ".shards"
     items = [examples for examples, _ in parts]
@@ -424,7 +436,7 @@ def _build_index(model: str, specs, output: str, num_workers: int | None) -> Non
                   "--resize_size and --shard_size" if _MERGE.value else
                   f"pass --overwrite to discard them, or remove {shards}")
         raise IndexCommandError(f"{error}; {remedy}.") from error
-    index = make_index(_KIND.value, _METRIC.value, vectors.shape[1], embed.fingerprint,
+    index = make_index(kind, _METRIC.value, vectors.shape[1], embed.fingerprint,
                        embed.preprocessing)
     if index.kind == "hamming":
         vectors = sign_codes(vectors)

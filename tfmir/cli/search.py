@@ -6,10 +6,11 @@
 --model must be the model that built the index (its fingerprint is checked against the index
 manifest): the same SavedModel, or the .keras checkpoint it was exported from. Prints (or writes
 to --output_json) a list with one entry per query:
-`{"query", "results": [{"id", "label", "source", "path", "score", "rank"}], "predicted_label"}`,
-the prediction being the majority label of the top k (ties go to the nearest: deep kNN). For a
-hamming index, the query codes are the signs of the query embeddings, as `tfmir index` made the
-indexed codes; scores are then Hamming distances (lower is better). An --output_json or --gallery
+`{"query", "results": [{"id", "label", "source", "path", "score", "rank"}], "predicted_label"}`, the
+prediction being the majority label of the top k (ties go to the nearest: deep kNN). For a hamming
+index, the query codes are the signs of the query embeddings, as `tfmir index` made the indexed
+codes, or a hashing model's bits; scores are then Hamming distances (lower is better). A hashing
+model's codes search a hamming index only; a float index is refused. An --output_json or --gallery
 that cannot be written (a read-only folder, a file where a folder should be) is refused before
 anything is embedded.
 """
@@ -132,7 +133,8 @@ def search(queries) -> None:
         embed = load_embedding_function(_MODEL.value, resize_size=_RESIZE_SIZE.value)
     except ValueError as error:
         raise SearchError(str(error)) from error
-    index = load_index(_INDEX.value, embed.fingerprint, embed.preprocessing)
+    index = load_index(_INDEX.value, embed.fingerprint, embed.preprocessing,
+                       query_kind=embed.kind, model=embed.description)
     if _K.value > len(index):
         raise SearchError(f"--k={_K.value} is larger than the index ({len(index)} items).")
     paths = [os.path.abspath(query) for query in queries]

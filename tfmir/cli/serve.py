@@ -11,6 +11,8 @@
 a 4xx status (see `tfmir.serving.server`). Queries are embedded in-process with --model (the
 model that built the index; its fingerprint is checked), or by TF Serving with --tf_serving_url
 (then --model, if given, is only used to check the fingerprint of the export TF Serving serves).
+A model that outputs hash codes serves its hamming index the same way (from TF Serving, the
+"bits" output of its export is read); a float index is refused for it at startup.
 Listens on the loopback interface unless --host says otherwise. Ctrl-C or SIGTERM stops it.
 """
 

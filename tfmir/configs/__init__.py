@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from tfmir.configs import deep_knn, universal
+from tfmir.configs import deep_knn, universal, ynet
 from tfmir.configs.config import (
     Config,
     DataConfig,
@@ -26,6 +26,8 @@ CONFIGS = {
     "deep_knn": deep_knn.deep_knn,
     "deep_knn_triplet": deep_knn.triplet,
     "deep_knn_classifier": deep_knn.classifier,
+    # Paper 002 (Y-Net): the coupled circle + pixel cross-entropy loss, hash codes.
+    "ynet": ynet.ynet,
 }
 
 

@@ -6,6 +6,8 @@ A spec is `[source=]location`, where location is one of:
     `download=True`);
   - a `.npz` file in the MedMNIST layout (official splits);
   - a `.csv` manifest (`path,label[,source][,mask][,split]`; split 2:1:1 when it has no `split`);
+    other header names follow a `#`: `labels.csv#path=image,label=diagnosis_name,mask=mask`
+    reads those columns (`load_csv_manifest`'s `columns`);
   - a folder with one sub-folder per class (split 2:1:1).
 """
 
@@ -59,8 +61,10 @@ def load_spec(spec: str, *, data_dir: str | None = None, download: bool = False,
                                source=source)
     elif location.endswith(".npz"):
         splits = load_medmnist_npz(location, source=source)
-    elif location.endswith(".csv"):
-        examples = load_csv_manifest(location, strict=strict, source=source)
+    elif location.endswith(".csv") or ".csv#" in location:
+        location, _, mapping = location.partition("#")
+        examples = load_csv_manifest(location, strict=strict, source=source,
+                                     columns=_csv_columns(mapping, spec) if mapping else None)
         splits = (split_by_column(examples) if examples.splits is not None
                   else split_examples(examples, ratios, seed=seed))
     elif os.path.isdir(location):
@@ -75,6 +79,19 @@ def load_spec(spec: str, *, data_dir: str | None = None, download: bool = False,
     if missing:
         raise ValueError(f"dataset spec {spec!r} has empty or missing split(s): {missing}")
     return {split: splits[split] for split in SPLITS}
+
+
+def _csv_columns(mapping: str, spec: str) -> dict[str, str]:
+    """{tfmir name: header} from "path=image,label=dx" (the part of a spec after "#")."""
+    columns = {}
+    for pair in mapping.split(","):
+        name, separator, header = pair.partition("=")
+        if not separator or not name.strip() or not header.strip():
+            raise ValueError(f"dataset spec {spec!r}: the part after '#' must be "
+                             f"name=header pairs separated by commas, e.g. "
+                             f"'#path=image,label=dx'. Received {pair!r}")
+        columns[name.strip()] = header.strip()
+    return columns
 
 
 def load_specs(specs, **kwargs) -> dict[str, Examples]:

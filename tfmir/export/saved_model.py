@@ -1,7 +1,8 @@
 """SavedModel export of an embedder, ready for TF Serving and for plain `tf.saved_model.load`.
 
-The export holds two signatures built from core TensorFlow ops only (no `tf.py_function`, no
-Keras), so stock TF Serving loads it unchanged and a consumer needs neither tfmir nor Keras:
+The export holds two or three signatures built from core TensorFlow ops only (no
+`tf.py_function`, no Keras), so stock TF Serving loads it unchanged and a consumer needs neither
+tfmir nor Keras:
 
 - `serving_default(images)`: a batch of encoded PNG, JPEG or GIF files (tf.string, shape [None])
   -> `{"embedding": float32 [None, D]}`. Each image is checked (empty bytes, unknown format, more
@@ -12,7 +13,17 @@ Keras), so stock TF Serving loads it unchanged and a consumer needs neither tfmi
   go in as PNG: `tfmir.images.graph_bytes` converts them, as `tfmir serve` and `tfmir search`
   do.
 - `embed_pixels(pixels)`: float32 pixels in [0, 255], shape [None, None, None, 3] (one batch of
-  equally sized RGB images) -> the same preprocessing -> `{"embedding"}`.
+  equally sized RGB images) -> the same preprocessing -> the same outputs.
+
+A hashing model (a "code" output, `tfmir.models.retrieval_output`) of k bits answers both
+signatures with `{"code": uint8 [None, ceil(k / 8)], "bits": float32 [None, k]}` instead: bit i
+is set where the model's code value i is positive; "code" packs the bits most significant first
+with zero padding (the bytes of `np.packbits(values > 0, axis=1)`, a form `HammingIndex` takes),
+"bits" holds them as -1.0 / +1.0. A model with a "mask" output gets a third signature:
+
+- `segment_images(images)`: the same bytes, checks and preprocessing as `serving_default` ->
+  `{"mask": float32 [None, S, S, 1]}`, foreground probabilities at the model's input crop
+  (S × S, the central crop of the image resized to `resize_size`), not at the image's size.
 
 Layout: TF Serving watches `<base>/<version>/saved_model.pb`; `export_saved_model` writes one
 version directory atomically (`tfmir.files.atomic_directory`) and records what it exported in
@@ -26,6 +37,7 @@ export_saved_model(model, "exported/tfmir/1", resize_size=72)
 # Anywhere, with TensorFlow only:
 serve = tf.saved_model.load("exported/tfmir/1").signatures["serving_default"]
 embedding = serve(images=tf.constant([open("query.png", "rb").read()]))["embedding"]
+# a hashing model: serve(images=...)["code"] (packed bytes) and ["bits"] (±1)
 ```
 """
 
@@ -44,10 +56,16 @@ from tfmir.data.pipeline import decode_image, preprocess_image
 from tfmir.files import atomic_directory
 from tfmir.images import (DEFAULT_MAX_IMAGE_PIXELS, GIF_SIGNATURES, JPEG_SIGNATURE, MIN_IMAGE_SIDE,
                           PNG_SIGNATURE)
+from tfmir.models.outputs import (CODE, EMBEDDING, HASH, MASK, has_mask, output_names,
+                                  output_shape, retrieval_output, select_output)
 
 SERVING_SIGNATURE = "serving_default"
 PIXELS_SIGNATURE = "embed_pixels"
-OUTPUT_KEY = "embedding"
+MASK_SIGNATURE = "segment_images"
+OUTPUT_KEY = EMBEDDING
+CODE_KEY = CODE  # packed hash bits, uint8
+BITS_KEY = "bits"  # the same bits as float32 ±1
+MASK_KEY = MASK
 EXPORT_INFO_DIR = "assets.extra"
 EXPORT_INFO_FILE = "export_info.json"
 EXPORT_FORMAT_VERSION = 1
@@ -160,8 +178,30 @@ def _image_shape(encoded: tf.Tensor, max_image_pixels: int) -> tf.Tensor:
         return tf.identity(height_width)
 
 
+def pack_sign_bits(codes: tf.Tensor, num_bits: int) -> tf.Tensor:
+    """Packs the sign bits of real-valued codes into bytes, in the graph, with core ops only.
+
+    Bit i (set where `codes[:, i] > 0`) lands in byte i // 8, most significant bit first, and
+    the bits past `num_bits` in the last byte are zero: the bytes of `np.packbits(codes > 0,
+    axis=1)`, the packed-bytes form `tfmir.index.pack_bits` takes.
+
+    Args:
+        codes: float (B, num_bits).
+        num_bits: the code length.
+
+    Returns:
+        uint8 (B, ceil(num_bits / 8)).
+    """
+    num_bytes = -(-num_bits // 8)
+    bits = tf.cast(codes > 0, tf.int32)
+    bits = tf.pad(bits, [[0, 0], [0, num_bytes * 8 - num_bits]])
+    weights = tf.constant([128, 64, 32, 16, 8, 4, 2, 1], tf.int32)
+    packed = tf.reduce_sum(tf.reshape(bits, [-1, num_bytes, 8]) * weights, axis=-1)
+    return tf.cast(packed, tf.uint8)
+
+
 class _ServingModule(tf.Module):
-    """The exported object: the model's variables and the two serving functions.
+    """The exported object: the model's variables and the serving functions.
 
     Only the variables are tracked, not the Keras model, so nothing Keras-specific (and no
     optimizer state of a training checkpoint) is written.
@@ -171,18 +211,27 @@ class _ServingModule(tf.Module):
         super().__init__(name="tfmir_embedder")
         self.model_variables = list(model.variables)
         output_spec = tf.TensorSpec([image_size, image_size, 3], tf.float32)
-        embedding_dim = int(model.output_shape[-1])
+        name, kind = retrieval_output(model)
+        dimension = int(output_shape(model, name)[-1])
 
-        def embed(images):
+        def run(pixels, output, empty_shape):
             def run_model():
-                return tf.cast(model(images, training=False), tf.float32)
+                outputs = model(pixels, training=False)
+                return tf.cast(select_output(outputs, output), tf.float32)
 
             def no_images():
-                return tf.zeros([0, embedding_dim], tf.float32)
+                return tf.zeros(empty_shape, tf.float32)
 
             # Some kernels (oneDNN convolution) fail on an empty batch; answer it directly.
-            embeddings = tf.cond(tf.shape(images)[0] > 0, run_model, no_images)
-            return {OUTPUT_KEY: tf.ensure_shape(embeddings, [None, embedding_dim])}
+            values = tf.cond(tf.shape(pixels)[0] > 0, run_model, no_images)
+            return tf.ensure_shape(values, [None, *empty_shape[1:]])
+
+        def embed(pixels):
+            values = run(pixels, name, [0, dimension])
+            if kind == HASH:
+                return {CODE_KEY: pack_sign_bits(values, dimension),
+                        BITS_KEY: tf.where(values > 0, 1.0, -1.0)}
+            return {OUTPUT_KEY: values}
 
         def one_image(encoded):
             with tf.control_dependencies([_image_shape(encoded, max_image_pixels)]):
@@ -193,22 +242,27 @@ class _ServingModule(tf.Module):
 
         # A signature called by name (TF Serving, `loaded.signatures[...]`) checks dtypes but not
         # shapes; EnsureShape checks them at run time with a clear InvalidArgumentError.
-        def serve_images(images):
+        def decode_images(images):
             images = tf.ensure_shape(images, [None])
             # Images differ in size, so decode and preprocess one at a time, then batch.
-            pixels = tf.map_fn(one_image, images, fn_output_signature=output_spec)
-            return embed(pixels)
+            return tf.map_fn(one_image, images, fn_output_signature=output_spec)
 
         def serve_pixels(pixels):
             pixels = tf.ensure_shape(pixels, [None, None, None, 3])
             return embed(preprocess_image(pixels, training=False, image_size=image_size,
                                           resize_size=resize_size))
 
-        self.serve_images = tf.function(
-            serve_images, input_signature=[tf.TensorSpec([None], tf.string, name="images")])
+        images_spec = tf.TensorSpec([None], tf.string, name="images")
+        self.serve_images = tf.function(lambda images: embed(decode_images(images)),
+                                        input_signature=[images_spec])
         self.embed_pixels = tf.function(
             serve_pixels,
             input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32, name="pixels")])
+        if has_mask(model):
+            mask_shape = [0, *output_shape(model, MASK)[1:]]
+            self.segment_images = tf.function(
+                lambda images: {MASK_KEY: run(decode_images(images), MASK, mask_shape)},
+                input_signature=[images_spec])
 
 
 def _model_image_size(model) -> int:
@@ -240,6 +294,10 @@ def export_saved_model(model, directory, *, resize_size: int,
                        model_fingerprint: str | None = None) -> str:
     """Writes `model` as a SavedModel with image-bytes and float-pixel serving signatures.
 
+    What the signatures return depends on the model's outputs (`tfmir.models.outputs`; see the
+    module docstring): `{"embedding"}` for an embedder, `{"code", "bits"}` for a hashing model,
+    plus a `segment_images` signature for a model with a "mask" output.
+
     The export is written into a hidden temporary sibling of `directory` and renamed into place,
     so `directory` is either the complete new export or, after any failure, untouched. An existing
     `directory` is replaced only if it is empty or holds a SavedModel. For TF Serving, pass a
@@ -247,7 +305,9 @@ def export_saved_model(model, directory, *, resize_size: int,
 
     Args:
         model: an embedder (`tfmir.models.Embedder` or any Keras model from (B, S, S, 3) pixels in
-            [0, 255] to (B, D) embeddings).
+            [0, 255] to (B, D) embeddings), or a model with a dict of outputs: "embedding" or
+            "code" (float (B, k), whose signs are the hash bits), and optionally "mask" (float
+            (B, S, S, 1) probabilities).
         directory: the directory to write (created with its parents).
         resize_size: the side images are resized to before the central crop to the model's input
             size; use the value the model was trained and evaluated with (`tfmir train` writes it
@@ -281,8 +341,9 @@ def export_saved_model(model, directory, *, resize_size: int,
     if os.path.exists(directory) and not _is_replaceable(directory):
         raise FileExistsError(f"{directory} exists and is not a SavedModel export; refusing to "
                               "replace it. Choose another directory.")
+    name, kind = retrieval_output(model)  # before any work: a model without one is refused
     fingerprint = model_fingerprint or _compute_fingerprint(model)
-    embedding_dim = int(model.output_shape[-1])
+    dimension = int(output_shape(model, name)[-1])
 
     module = _ServingModule(model, image_size=image_size, resize_size=resize_size,
                             max_image_pixels=max_image_pixels)
@@ -290,6 +351,23 @@ def export_saved_model(model, directory, *, resize_size: int,
         SERVING_SIGNATURE: module.serve_images.get_concrete_function(),
         PIXELS_SIGNATURE: module.embed_pixels.get_concrete_function(),
     }
+    if kind == HASH:
+        outputs = {CODE_KEY: f"uint8 [None, {-(-dimension // 8)}]",
+                   BITS_KEY: f"float32 [None, {dimension}]"}
+        sizes = {"num_bits": dimension}
+    else:
+        outputs = {OUTPUT_KEY: f"float32 [None, {dimension}]"}
+        sizes = {"embedding_dim": dimension}
+    described = {
+        SERVING_SIGNATURE: {"inputs": {"images": "string [None]"}, "outputs": outputs},
+        PIXELS_SIGNATURE: {"inputs": {"pixels": "float32 [None, None, None, 3]"},
+                           "outputs": outputs},
+    }
+    if has_mask(model):
+        signatures[MASK_SIGNATURE] = module.segment_images.get_concrete_function()
+        mask_shape = ", ".join(str(size) for size in output_shape(model, MASK)[1:])
+        described[MASK_SIGNATURE] = {"inputs": {"images": "string [None]"},
+                                     "outputs": {MASK_KEY: f"float32 [None, {mask_shape}]"}}
     info = {
         "format_version": EXPORT_FORMAT_VERSION,
         "tfmir_version": tfmir.__version__,
@@ -300,14 +378,12 @@ def export_saved_model(model, directory, *, resize_size: int,
         "model_fingerprint": fingerprint,
         "image_size": image_size,
         "resize_size": resize_size,
-        "embedding_dim": embedding_dim,
+        "model_outputs": list(output_names(model)) or [EMBEDDING],
+        "output": name,
+        "output_kind": kind,
+        **sizes,
         "max_image_pixels": max_image_pixels,
-        "signatures": {
-            SERVING_SIGNATURE: {"inputs": {"images": "string [None]"},
-                                "outputs": {OUTPUT_KEY: f"float32 [None, {embedding_dim}]"}},
-            PIXELS_SIGNATURE: {"inputs": {"pixels": "float32 [None, None, None, 3]"},
-                               "outputs": {OUTPUT_KEY: f"float32 [None, {embedding_dim}]"}},
-        },
+        "signatures": described,
     }
 
     # A hidden, non-numeric name: TF Serving never mistakes a half-written export for a version.
@@ -348,7 +424,9 @@ def read_export_info(directory) -> dict:
 
     Returns:
         The export's description: tfmir_version, model_config, model_fingerprint, image_size,
-        resize_size, embedding_dim, max_image_pixels, signatures, ...
+        resize_size, output ("embedding" or "code"), output_kind ("float" or "hash"),
+        embedding_dim (float) or num_bits (hash), model_outputs, max_image_pixels, signatures,
+        ... Exports written before output_kind was recorded are float ones.
     """
     export_directory = resolve_export_directory(directory)
     path = os.path.join(export_directory, EXPORT_INFO_DIR, EXPORT_INFO_FILE)

@@ -4,7 +4,10 @@
 a version directory) or a `.keras` checkpoint written by `tfmir train`, and returns an
 `EmbeddingFunction`: a callable from `Examples` to float32 embeddings plus the model's fingerprint
 and its query preprocessing (`tfmir.data.query_preprocessing`), both recorded in an index's
-manifest and checked when it is searched.
+manifest and checked when it is searched. A hashing model (a "code" output,
+`tfmir.models.retrieval_output`) gives its k hash bits as float32 -1.0 / +1.0 (kind "hash"),
+from either form: the SavedModel's "bits" output, or the sign of the checkpoint's code values
+(positive -> +1), so both give the same bits; `HammingIndex` takes them as they are.
 
 - SavedModel: images on disk go through `serving_default` as file bytes (the same path as TF
   Serving and `tfmir serve`: header checks, decode, resize, centre crop inside the graph); files
@@ -66,17 +69,58 @@ class EmbeddingFunction:
             (`tfmir.data.query_preprocessing`), recorded in an index manifest beside the
             fingerprint.
         description: what was loaded, for messages.
+        kind: "float" (embeddings) or "hash" (±1 hash bits, searched by Hamming distance).
+        output: the model output the vectors come from ("embedding" or "code").
+        dimension: D, the embedding size or the number of bits.
     """
 
     def __init__(self, embed: Callable[[Examples], np.ndarray], *, fingerprint: str,
-                 preprocessing: dict, description: str):
+                 preprocessing: dict, description: str, kind: str = "float",
+                 output: str = "embedding", dimension: int | None = None):
         self.embed = embed
         self.fingerprint = fingerprint
         self.preprocessing = preprocessing
         self.description = description
+        self.kind = kind
+        self.output = output
+        self.dimension = dimension
+
+    def describe_output(self) -> str:
+        """The output in words, for messages: "the 'code' output (36-bit hash codes)"."""
+        if self.kind == "hash":
+            what = f"{self.dimension}-bit hash codes" if self.dimension else "hash codes"
+        else:
+            what = "float embeddings"
+        return f"the {self.output!r} output ({what})"
 
     def __call__(self, examples: Examples) -> np.ndarray:
         return np.asarray(self.embed(examples), dtype=np.float32)
+
+
+def index_kind_for(kind: str, embed: EmbeddingFunction) -> str:
+    """The kind of index for a model's vectors, given the requested kind.
+
+    A hashing model's bits are searched by Hamming distance: "auto" and "hamming" give
+    "hamming", and a float index kind ("exact", "scann") is refused. For a float model the
+    requested kind comes back unchanged ("hamming" then keeps the signs of its embeddings).
+
+    Args:
+        kind: "auto", "exact", "scann" or "hamming" (the `--kind` flag).
+        embed: the loaded model.
+
+    Returns:
+        The kind to build ("auto" only for a float model).
+
+    Raises:
+        ValueError: a float index kind for a hashing model.
+    """
+    if embed.kind != "hash":
+        return kind
+    if kind in ("auto", "hamming"):
+        return "hamming"
+    raise ValueError(f"--kind={kind} does not fit {embed.description}: it retrieves with "
+                     f"{embed.describe_output()}, searched by Hamming distance; use "
+                     "--kind=hamming (or --kind=auto).")
 
 
 def read_resize_size(checkpoint_path: str, resize_size: int | None = None) -> int:
@@ -110,6 +154,9 @@ def _saved_model_function(path: str) -> EmbeddingFunction:
 
     directory = resolve_export_directory(path)
     info = read_export_info(directory)
+    kind = info.get("output_kind", "float")  # exports from before hashing models are float
+    dimension = int(info["num_bits"] if kind == "hash" else info["embedding_dim"])
+    key = "bits" if kind == "hash" else "embedding"
     loaded = {}
 
     def signatures():
@@ -126,19 +173,20 @@ def _saved_model_function(path: str) -> EmbeddingFunction:
 
         functions = signatures()
         if len(examples) == 0:
-            return np.zeros((0, int(info["embedding_dim"])), np.float32)
+            return np.zeros((0, dimension), np.float32)
         if examples.in_memory:
             pixels = tf.constant(examples.images.astype(np.float32))
-            return functions["pixels"](pixels=pixels)["embedding"].numpy()
+            return functions["pixels"](pixels=pixels)[key].numpy()
         encoded = tf.constant([_encoded_file(str(item)) for item in examples.paths])
-        return functions["images"](images=encoded)["embedding"].numpy()
+        return functions["images"](images=encoded)[key].numpy()
 
     from tfmir.data import query_preprocessing
 
     preprocessing = query_preprocessing(image_size=int(info["image_size"]),
                                         resize_size=int(info["resize_size"]))
     return EmbeddingFunction(embed, fingerprint=str(info["model_fingerprint"]),
-                             preprocessing=preprocessing, description=f"SavedModel {directory}")
+                             preprocessing=preprocessing, description=f"SavedModel {directory}",
+                             kind=kind, output=info.get("output", key), dimension=dimension)
 
 
 def _checkpoint_function(path: str, resize_size: int | None,
@@ -151,6 +199,7 @@ def _checkpoint_function(path: str, resize_size: int | None,
 
     import tfmir.models  # noqa: F401  (registers tfmir's Keras classes for loading)
     from tfmir.export import model_fingerprint
+    from tfmir.models import HASH, output_shape, retrieval_output
     from tfmir.training.evaluation import embed_examples
 
     try:
@@ -159,8 +208,16 @@ def _checkpoint_function(path: str, resize_size: int | None,
         raise ValueError(f"could not load {path} as a Keras model: "
                          f"{type(error).__name__}: {error}") from error
 
+    try:
+        output, kind = retrieval_output(model)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from error
+
     def embed(examples: Examples) -> np.ndarray:
-        return embed_examples(model, examples, resize_size=resize_size, batch_size=batch_size)
+        values = embed_examples(model, examples, resize_size=resize_size, batch_size=batch_size,
+                                output=output)
+        # The bits of an export's "bits" output: positive -> +1, zero or negative -> -1.
+        return np.where(values > 0, 1.0, -1.0).astype(np.float32) if kind == HASH else values
 
     from tfmir.data import query_preprocessing
 
@@ -168,7 +225,9 @@ def _checkpoint_function(path: str, resize_size: int | None,
     preprocessing = query_preprocessing(image_size=image_size, resize_size=resize_size)
     return EmbeddingFunction(embed, fingerprint=model_fingerprint(model),
                              preprocessing=preprocessing,
-                             description=f"Keras checkpoint {path} (resize_size {resize_size})")
+                             description=f"Keras checkpoint {path} (resize_size {resize_size})",
+                             kind=kind, output=output,
+                             dimension=int(output_shape(model, output)[-1]))
 
 
 def load_embedding_function(path: str | os.PathLike, *, resize_size: int | None = None,
@@ -182,11 +241,13 @@ def load_embedding_function(path: str | os.PathLike, *, resize_size: int | None 
         batch_size: images per model call for a checkpoint.
 
     Returns:
-        An `EmbeddingFunction`.
+        An `EmbeddingFunction`: float32 embeddings (kind "float"), or ±1 hash bits for a hashing
+        model (kind "hash").
 
     Raises:
         ValueError: a missing path, a file that is not a `.keras` checkpoint, a directory without
-            a SavedModel, or a checkpoint without a known resize side.
+            a SavedModel, a checkpoint without a known resize side, or a model with several
+            outputs of which none is an "embedding" or a "code".
     """
     path = os.fspath(path)
     if not os.path.exists(path):

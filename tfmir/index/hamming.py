@@ -97,7 +97,8 @@ def _as_bits(codes):
         bad = np.array([0, -1])
     raise ValueError(
         "Bit codes must hold only {0, 1}, only {-1, +1}, or bools. "
-        f"Received values such as: {bad[:10].tolist()}"
+        f"Received values such as: {bad[:10].tolist()} (real-valued embeddings or tanh codes "
+        "become bits by their signs: tfmir.index.sign_codes)"
     )
 
 

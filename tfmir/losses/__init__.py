@@ -1,5 +1,9 @@
 """Metric-learning, distillation and segmentation losses."""
 
+from tfmir.losses.circle import ClassCircle
+from tfmir.losses.circle import class_circle
+from tfmir.losses.coupled import LossWeight
+from tfmir.losses.coupled import coupled_loss
 from tfmir.losses.knn_triplet import KNNTriplet
 from tfmir.losses.knn_triplet import knn_triplet
 from tfmir.losses.multi_similarity import MultiSimilarity
@@ -11,10 +15,14 @@ from tfmir.losses.triplet import batch_hard_triplet
 
 __all__ = [
     "BatchHardTriplet",
+    "ClassCircle",
     "KNNTriplet",
+    "LossWeight",
     "MultiSimilarity",
     "RKDDistance",
     "batch_hard_triplet",
+    "class_circle",
+    "coupled_loss",
     "knn_triplet",
     "multi_similarity",
     "rkd_distance",

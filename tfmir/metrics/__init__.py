@@ -1,12 +1,14 @@
 """Retrieval, classification and segmentation metrics."""
 
 from tfmir.metrics.bootstrap import bootstrap_mean
+from tfmir.metrics.bootstrap import bootstrap_statistic
 from tfmir.metrics.bootstrap import paired_bootstrap
 from tfmir.metrics.classification import classification_metrics
 from tfmir.metrics.classification import find_smallest_class
 from tfmir.metrics.classification import knn_classification
 from tfmir.metrics.classification import knn_predict
 from tfmir.metrics.classification import neighbor_rows
+from tfmir.metrics.retrieval import average_precisions
 from tfmir.metrics.retrieval import map_at_k
 from tfmir.metrics.retrieval import precision_at_k
 from tfmir.metrics.retrieval import recall_at_k
@@ -16,7 +18,9 @@ from tfmir.metrics.segmentation import dice_score
 from tfmir.metrics.segmentation import iou_score
 
 __all__ = [
+    "average_precisions",
     "bootstrap_mean",
+    "bootstrap_statistic",
     "classification_metrics",
     "dice_score",
     "find_smallest_class",

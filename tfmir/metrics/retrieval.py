@@ -78,12 +78,48 @@ def precision_at_k(query_labels, neighbor_labels, k: int) -> float:
     return float(np.mean(relevant.sum(axis=1) / k))
 
 
-def map_at_k(query_labels, neighbor_labels, k: int) -> float:
-    """Mean average precision over the first k neighbours.
+def average_precisions(query_labels, neighbor_labels, k: int) -> np.ndarray:
+    """Each query's average precision over its first k neighbours (`map_at_k` is their mean).
 
     Per query, AP@k = sum_{i<=k} P(i) rel(i) / sum_{i<=k} rel(i), where P(i) is
     the precision of the first i neighbours and rel(i) is 1 when neighbour i has
-    the query's class. AP@k is 0 when no relevant item is in the first k.
+    the query's class; 0 when no relevant item is in the first k. Per-query
+    values are what a bootstrap interval over queries resamples.
+
+    Args:
+        query_labels: Labels of the queries, shape (Q,) or (Q, 1).
+        neighbor_labels: Labels of each query's neighbours, best first, (Q, K').
+        k: Number of leading neighbours to look at, 1 <= k <= K'.
+
+    Returns:
+        float64 array (Q,) in [0, 1].
+
+    Example:
+
+    >>> average_precisions([0, 1], [[0, 1, 0], [0, 0, 0]], k=3)  # (1/1 + 2/3) / 2, 0
+    array([0.83333333, 0.        ])
+
+    Reference:
+        Fang et al., "Combating Ambiguity for Hash-code Learning in Medical
+        Instance Retrieval" (mAP@top-k, Sec. IV, eq. 3).
+    """
+    relevant = _relevance(query_labels, neighbor_labels, k).astype(np.float64)
+    ranks = np.arange(1, k + 1)
+    precision = np.cumsum(relevant, axis=1) / ranks
+    num_relevant = relevant.sum(axis=1)
+    return np.divide(
+        (precision * relevant).sum(axis=1),
+        num_relevant,
+        out=np.zeros_like(num_relevant),
+        where=num_relevant > 0,
+    )
+
+
+def map_at_k(query_labels, neighbor_labels, k: int) -> float:
+    """Mean average precision over the first k neighbours.
+
+    The mean over queries of `average_precisions`: per query, AP@k = sum_{i<=k}
+    P(i) rel(i) / sum_{i<=k} rel(i), 0 when no relevant item is in the first k.
 
     Args:
         query_labels: Labels of the queries, shape (Q,) or (Q, 1).
@@ -102,17 +138,7 @@ def map_at_k(query_labels, neighbor_labels, k: int) -> float:
         Fang et al., "Combating Ambiguity for Hash-code Learning in Medical
         Instance Retrieval" (mAP@top-k, Sec. IV).
     """
-    relevant = _relevance(query_labels, neighbor_labels, k).astype(np.float64)
-    ranks = np.arange(1, k + 1)
-    precision = np.cumsum(relevant, axis=1) / ranks
-    num_relevant = relevant.sum(axis=1)
-    average_precision = np.divide(
-        (precision * relevant).sum(axis=1),
-        num_relevant,
-        out=np.zeros_like(num_relevant),
-        where=num_relevant > 0,
-    )
-    return float(np.mean(average_precision))
+    return float(np.mean(average_precisions(query_labels, neighbor_labels, k)))
 
 
 def retrieval_metrics(

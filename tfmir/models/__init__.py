@@ -3,7 +3,12 @@
 from tfmir.models.backbones import BACKBONES, build_backbone, feature_extractor
 from tfmir.models.concatenation import ConcatenationEmbedder, pca_projection
 from tfmir.models.embedder import Embedder
+from tfmir.models.outputs import (CODE, EMBEDDING, FLOAT, HASH, MASK, OUTPUT_KINDS, has_mask,
+                                  output_names, output_shape, retrieval_output, select_output)
 from tfmir.models.pretrained import efficientnet_lite, load_torch_checkpoint
+from tfmir.models.ynet import YNet
 
-__all__ = ["BACKBONES", "ConcatenationEmbedder", "Embedder", "build_backbone", "efficientnet_lite",
-           "feature_extractor", "load_torch_checkpoint", "pca_projection"]
+__all__ = ["BACKBONES", "CODE", "EMBEDDING", "FLOAT", "HASH", "MASK", "OUTPUT_KINDS",
+           "ConcatenationEmbedder", "Embedder", "build_backbone", "efficientnet_lite",
+           "feature_extractor", "has_mask", "load_torch_checkpoint", "output_names",
+           "output_shape", "pca_projection", "retrieval_output", "select_output", "YNet"]

@@ -2,14 +2,17 @@
 
 Both backends are callables from a list of encoded images (bytes; PNG, JPEG and GIF go to the
 model as they are, other formats `tfmir.images` reads are converted to PNG first) to float32 (N, D)
-embeddings and carry the model `fingerprint` (None when it cannot be known):
+embeddings, or a hashing model's ±1 hash bits, and carry the model `fingerprint` (None when it
+cannot be known) and the `kind` of their vectors ("float" or "hash"; None until TF Serving has
+answered once):
 
 - `LocalBackend` loads the model with `tfmir.index.embedding.load_embedding_function`, the loader
   of `tfmir index` and `tfmir search`, so a query is embedded exactly as `tfmir search` embeds a
   query file: a SavedModel through its `serving_default` signature, a `.keras` checkpoint through
   the evaluation pipeline.
 - `TFServingBackend` POSTs TF Serving's REST predict request
-  `{"instances": [{"b64": ...}]}` to `<url>:predict` and reads `predictions`.
+  `{"instances": [{"b64": ...}]}` to `<url>:predict` and reads `predictions`: an export's
+  "embedding", or the "bits" of a hashing model's export.
 
 `check_image` refuses what must not reach either backend (empty bytes, an unknown format, an
 unreadable header, more than `DEFAULT_MAX_IMAGE_PIXELS` or the given number of pixels, a side
@@ -159,6 +162,7 @@ class LocalBackend:
         self.fingerprint = self.embed.fingerprint
         self.preprocessing = self.embed.preprocessing
         self.description = self.embed.description
+        self.kind = self.embed.kind
 
     def __call__(self, images: list[bytes]) -> np.ndarray:
         import tensorflow as tf
@@ -201,6 +205,7 @@ class TFServingBackend:
 
     backend = "tf_serving"
     fingerprint = None  # TF Serving does not report the exported model's fingerprint
+    kind = None  # known from the first answer: "hash" when it holds "bits"
 
     def __init__(self, url: str, *, timeout: float = DEFAULT_TIMEOUT_SECONDS):
         url = url.rstrip("/")
@@ -244,8 +249,11 @@ class TFServingBackend:
             raise BackendError(f"{self.predict_url} answered without 'predictions': "
                                f"{str(answer)[:500]}")
         try:
-            # With one output TF Serving gives a bare list per instance, else {name: value}.
-            rows = [row["embedding"] if isinstance(row, dict) else row for row in predictions]
+            # With one output TF Serving gives a bare list per instance, else {name: value}: a
+            # hashing model's export answers {"code": packed bytes, "bits": ±1}.
+            hashed = any(isinstance(row, dict) and "bits" in row for row in predictions)
+            rows = [row[("bits" if hashed else "embedding")] if isinstance(row, dict) else row
+                    for row in predictions]
             embeddings = np.asarray(rows, dtype=np.float32)
         except (TypeError, ValueError, KeyError) as error:
             raise BackendError(f"{self.predict_url} answered predictions that are not "
@@ -253,6 +261,7 @@ class TFServingBackend:
         if embeddings.ndim != 2 or embeddings.shape[0] != len(images):
             raise BackendError(f"{self.predict_url} answered predictions of shape "
                                f"{embeddings.shape} for {len(images)} images.")
+        self.kind = "hash" if hashed else "float"
         return embeddings
 
 

@@ -1,7 +1,8 @@
 """Answering top-k queries on a loaded index: shared by `tfmir search` and `tfmir serve`.
 
 - `load_index` loads an index directory and refuses one built by another model (its manifest
-  records the model fingerprint).
+  records the model fingerprint), or one that cannot take the model's queries: a hashing
+  model's bits search a hamming index only (`check_query_kind`).
 - `search_sources` is `Index.search` with an optional source filter; it turns embeddings into
   query codes for a Hamming index (`tfmir.index.sign_codes`, as `tfmir index --kind=hamming`).
 - `predicted_labels` is the majority label of each query's results (deep kNN).
@@ -18,14 +19,39 @@ labels = predicted_labels(results)
 from __future__ import annotations
 
 import json
+import os
 
 
 class SearchError(ValueError):
     """A query or an index the search cannot answer, with a message that says why."""
 
 
+def check_query_kind(index_kind: str | None, query_kind: str | None, directory: str,
+                     model: str = "the model") -> None:
+    """Refuses hash-code queries against an index of float embeddings.
+
+    A hashing model's ±1 bits have no meaning for cosine, dot or L2 search over another model's
+    embeddings. Float queries may search a hamming index: their signs are the codes.
+
+    Args:
+        index_kind: the index's kind ("exact", "scann", "hamming"); None skips the check.
+        query_kind: "float" or "hash" (`EmbeddingFunction.kind`); None skips the check.
+        directory: the index directory, for the message.
+        model: what embeds the queries, for the message.
+
+    Raises:
+        SearchError: hash queries and an index kind other than "hamming".
+    """
+    if query_kind == "hash" and index_kind is not None and index_kind != "hamming":
+        raise SearchError(f"{model} outputs hash codes (±1 bits, searched by Hamming distance), "
+                          f"but the index {directory} holds float embeddings (kind {index_kind}); "
+                          "search it with the model that built it, or build a hamming index "
+                          "with this model (`tfmir index --kind=hamming`).")
+
+
 def load_index(directory: str, fingerprint: str | None = None,
-               preprocessing: dict | None = None):
+               preprocessing: dict | None = None, query_kind: str | None = None,
+               model: str = "the model"):
     """Loads an index directory, checking the model fingerprint and the query preprocessing.
 
     Args:
@@ -33,16 +59,21 @@ def load_index(directory: str, fingerprint: str | None = None,
         fingerprint: the fingerprint of the model that embeds the queries; None skips the check.
         preprocessing: how the queries are resized and cropped (`EmbeddingFunction
             .preprocessing`); None skips the check.
+        query_kind: "float" or "hash", the kind of the query vectors (`EmbeddingFunction.kind`);
+            checked first, so a hashing model meeting a float index hears that rather than only
+            that its fingerprint differs. None skips the check.
+        model: what embeds the queries, for messages.
 
     Returns:
         The loaded `tfmir.index.Index`.
 
     Raises:
-        SearchError: the directory is not a valid index, or it was built by another model or
-            with another preprocessing.
+        SearchError: the directory is not a valid index, it cannot take `query_kind` queries,
+            or it was built by another model or with another preprocessing.
     """
     from tfmir.index import FingerprintMismatchError, Index
 
+    check_query_kind(_manifest_kind(directory), query_kind, directory, model)
     try:
         return Index.load(directory, expected_model_fingerprint=fingerprint,
                           expected_preprocessing=preprocessing)
@@ -54,6 +85,18 @@ def load_index(directory: str, fingerprint: str | None = None,
         raise SearchError(f"cannot load the index {directory}: {error}") from error
 
 
+def _manifest_kind(directory: str) -> str | None:
+    """The index kind its manifest records; None when unreadable (`Index.load` then says why)."""
+    from tfmir.index.base import MANIFEST_FILE
+
+    try:
+        with open(os.path.join(directory, MANIFEST_FILE)) as stream:
+            kind = json.load(stream).get("kind")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return kind if isinstance(kind, str) else None
+
+
 def search_sources(index, queries, k: int, source: str | None = None) -> list[list[dict]]:
     """Top-k rows of each query; with `source`, only that source's rows.
 
@@ -63,7 +106,8 @@ def search_sources(index, queries, k: int, source: str | None = None) -> list[li
     Args:
         index: a `tfmir.index.Index`.
         queries: (Q, dimension) embeddings. For a Hamming index, the signs of the embeddings are
-            the query codes (`tfmir.index.sign_codes`); bit codes pass through unchanged.
+            the query codes (`tfmir.index.sign_codes`); bit codes (a hashing model's ±1 bits)
+            pass through unchanged.
         k: results per query, at least 1 and at most the number of candidate rows.
         source: keep only rows of this source; None keeps all.
 

@@ -5,8 +5,9 @@ in-process, or TF Serving) and checks, before any request, that they belong toge
 
 - in-process, or TF Serving with the local export given as `model`: the model fingerprint
   against the index manifest (`load_index`, as `tfmir search` does);
-- always: the embedding dimension of a probe image against the index dimension. With TF Serving
-  and no `model` this is the only check possible (TF Serving does not report a fingerprint), and a
+- always: the embedding dimension of a probe image against the index dimension, and its kind: a
+  hashing model's bits search a hamming index only (`check_query_kind`). With TF Serving and no
+  `model` these are the only checks possible (TF Serving does not report a fingerprint), and a
   warning says so.
 
 `search` answers one query image in the shape `tfmir search` prints per query:
@@ -41,7 +42,8 @@ from absl import logging
 
 from tfmir.serving.backends import (DEFAULT_MAX_IMAGE_PIXELS, BackendError, LocalBackend,
                                     RequestError, TFServingBackend, check_image, probe_image)
-from tfmir.serving.retrieval import SearchError, load_index, predicted_labels, search_sources
+from tfmir.serving.retrieval import (SearchError, check_query_kind, load_index, predicted_labels,
+                                     search_sources)
 
 
 class SearchService:
@@ -50,8 +52,8 @@ class SearchService:
     Args:
         index: a loaded `tfmir.index.Index`.
         embed: callable from a list of encoded images to float32 (N, index.dimension)
-            embeddings, with `backend`, `description` and `fingerprint` attributes
-            (`LocalBackend`, `TFServingBackend`).
+            embeddings (or ±1 hash bits), with `backend`, `description`, `fingerprint` and
+            `kind` attributes (`LocalBackend`, `TFServingBackend`).
         k: results per query when a request does not say.
         max_image_pixels: images with more pixels (height × width, from the header) are refused.
         fingerprint_checked: whether the backend's model was checked against the index
@@ -113,17 +115,21 @@ class SearchService:
                                       "(--model), or a TF Serving URL (--tf_serving_url).")
                 embed = LocalBackend(model, resize_size=resize_size)
                 fingerprint, preprocessing = embed.fingerprint, embed.preprocessing
+                kind, description = embed.kind, embed.description
             else:
                 embed = TFServingBackend(tf_serving_url)
-                fingerprint = preprocessing = None
+                fingerprint = preprocessing = kind = None
+                description = embed.description
                 if model is not None:  # for its fingerprint (a SavedModel is not even loaded)
                     function = load_embedding_function(model, resize_size=resize_size)
                     fingerprint, preprocessing = function.fingerprint, function.preprocessing
+                    kind, description = function.kind, function.description
         except SearchError:
             raise
         except ValueError as error:
             raise SearchError(str(error)) from error
-        index = load_index(index_directory, fingerprint, preprocessing)
+        index = load_index(index_directory, fingerprint, preprocessing, query_kind=kind,
+                           model=description)
         if fingerprint is None:
             logging.warning(
                 "The model behind %s cannot be checked against the index: TF Serving does not "
@@ -132,16 +138,23 @@ class SearchService:
                 embed.predict_url, index.model_fingerprint or "no fingerprint")
         service = cls(index, embed, k=k, max_image_pixels=max_image_pixels,
                       fingerprint_checked=fingerprint is not None)
-        service._check_dimension()
+        service._check_model(index_directory, kind)
         return service
 
-    def _check_dimension(self) -> None:
-        """Embeds a probe image once: loads a lazy model and compares dimensions."""
+    def _check_model(self, index_directory: str, expected_kind: str | None = None) -> None:
+        """Embeds a probe image once: loads a lazy model and compares kinds and dimensions."""
         try:
             embeddings = self.embed([probe_image()])
         except (BackendError, RequestError) as error:
             raise SearchError(f"could not embed a test image with {self.embed.description}: "
                               f"{error}") from error
+        kind = self.embed.kind
+        if expected_kind is not None and kind != expected_kind:
+            # TF Serving serves another model than the export named to check its fingerprint.
+            raise SearchError(f"{self.embed.description} answers {_KIND_WORDS[kind]}, but the "
+                              f"given model outputs {_KIND_WORDS[expected_kind]}: it serves "
+                              "another model.")
+        check_query_kind(self.index.kind, kind, index_directory, self.embed.description)
         if embeddings.ndim != 2 or embeddings.shape[1] != self.index.dimension:
             raise SearchError(
                 f"{self.embed.description} gives embeddings of shape {embeddings.shape[1:]}, but "
@@ -251,6 +264,9 @@ class PixelBudget:
             with self._changed:
                 self.held -= pixels
                 self._changed.notify_all()
+
+
+_KIND_WORDS = {"float": "float embeddings", "hash": "hash codes (±1 bits)"}
 
 
 def _check_positive(name: str, value) -> None:

@@ -10,12 +10,14 @@ from tfmir.tasks.classification import Classification, inverse_frequency_weights
 from tfmir.tasks.distillation import Distillation
 from tfmir.tasks.metric_learning import MetricLearning
 from tfmir.tasks.task import FIELDS, SAMPLERS, Task
+from tfmir.tasks.ynet import YNetTraining
 
 # config task name -> task class (each has `from_task_config(model, args, splits)`)
 TASKS = {
     "metric_learning": MetricLearning,
     "distillation": Distillation,
     "classification": Classification,
+    "ynet": YNetTraining,
 }
 
 # A task argument every task takes: start the deployable model from a saved one.
@@ -76,4 +78,5 @@ def initialize_from(model: keras.Model, path) -> None:
 
 
 __all__ = ["Classification", "Distillation", "FIELDS", "INIT_FROM", "MetricLearning", "SAMPLERS",
-           "TASKS", "Task", "build_task", "initialize_from", "inverse_frequency_weights"]
+           "TASKS", "Task", "YNetTraining", "build_task", "initialize_from",
+           "inverse_frequency_weights"]

@@ -7,7 +7,10 @@ placed after it see them, and the task's monitor can name any of them. `check_mo
 that monitor before training starts.
 
 Each evaluator is a thin wrapper over the pure functions of `tfmir.metrics`; what it adds is
-which model output it needs, which split is the gallery and which keys it logs.
+which model output it needs, which split is the gallery and which keys it logs. Retrieval
+evaluators read the model's retrieval output (`tfmir.models.retrieval_output`): the embedding,
+or a hashing model's "code", whose items they rank by Hamming distance; `SegmentationOverlap`
+reads the "mask" output.
 
 Example:
 
@@ -31,10 +34,11 @@ import numpy as np
 
 from tfmir.data import Examples, make_dataset
 from tfmir.index.exact import METRICS, ExactIndex, exact_search
-from tfmir.index.hamming import sign_codes
 from tfmir.metrics import (dice_score, find_smallest_class, iou_score, knn_classification,
                            map_at_k)
-from tfmir.training.evaluation import _embed_function, embed_examples, evaluate_retrieval
+from tfmir.models.outputs import MASK, output_names
+from tfmir.training.evaluation import (_embed_function, embed_examples, evaluate_retrieval,
+                                       ranking_vectors)
 
 DEFAULT_BATCH_SIZE = 256
 
@@ -63,7 +67,8 @@ class OutputCache:
         """`embed_examples(model, examples, ...)`, computed on the first request only.
 
         Args:
-            model: the deployable model: (B, S, S, 3) pixels in [0, 255] -> (B, D).
+            model: the deployable model: (B, S, S, 3) pixels in [0, 255] -> (B, D), or a dict
+                whose retrieval output (`tfmir.models.retrieval_output`) is returned.
             examples: the split to embed.
             resize_size: resize side before the centre crop.
             batch_size: images per batch.
@@ -113,7 +118,8 @@ class Evaluator(abc.ABC):
 
         Args:
             model: the deployable model, taking (B, S, S, 3) pixels in [0, 255] and giving
-                embeddings, real-valued codes or mask probabilities.
+                embeddings, real-valued codes or mask probabilities (or a dict of them, see
+                `tfmir.models.outputs`).
             examples: the evaluation split.
             resize_size: resize side before the centre crop.
             train: the training split (the gallery of kNN classification).
@@ -134,7 +140,8 @@ class RecallAtK(Evaluator):
     """Recall@K per source (each source's split is its own query and gallery set) and their mean.
 
     Keys: `recall@K`, the unweighted mean over sources, and, when the split has several sources,
-    `recall@K_<source>`.
+    `recall@K_<source>`. Embeddings are compared by cosine similarity, a hashing model's codes
+    by Hamming distance.
 
     Args:
         ks: the K values.
@@ -190,16 +197,16 @@ class KNNClassification(Evaluator):
 
     Each evaluation embedding is classified by the majority label of its `num_neighbors` nearest
     training embeddings (`tfmir.metrics.knn_classification` over one `ExactIndex` of the training
-    split). Keys: `knn_accuracy`, `knn_mcr` (mean class recall) and `knn_rs`
-    (recall of the smallest class); with several neighbour counts, `knn@K_accuracy`,
-    `knn@K_mcr`, `knn@K_rs` for each K.
+    split; a hashing model's codes by Hamming distance, ties in index order). Keys:
+    `knn_accuracy`, `knn_mcr` (mean class recall) and `knn_rs` (recall of the smallest class);
+    with several neighbour counts, `knn@K_accuracy`, `knn@K_mcr`, `knn@K_rs` for each K.
 
     Args:
         num_neighbors: the paper's K_p, or a tuple of them.
         smallest_class: the class whose recall is RS. By default the class with the fewest
             TRAINING items (the lowest label among equally small ones): the minority class is a
             property of the data set, not of the validation sample.
-        metric: search metric, one of `tfmir.index.exact.METRICS`.
+        metric: search metric, one of `tfmir.index.exact.METRICS`; unused for a hashing model.
 
     Example:
 
@@ -265,9 +272,11 @@ class KNNClassification(Evaluator):
                                            batch_size=batch_size)
         train_embeddings = cache.embeddings(model, train, resize_size=resize_size,
                                             batch_size=batch_size)
+        test_embeddings, _ = ranking_vectors(model, test_embeddings, self.metric)
+        train_embeddings, metric = ranking_vectors(model, train_embeddings, self.metric)
         # One index over the training split serves every K_p; RS is the training split's
         # smallest class unless one was given (see knn_classification).
-        index = ExactIndex(metric=self.metric, dimension=train_embeddings.shape[1])
+        index = ExactIndex(metric=metric, dimension=train_embeddings.shape[1])
         index.build(train_embeddings, ids=np.arange(len(train)))
         smallest_class = self._smallest_class(train)
         metrics = {}
@@ -288,20 +297,22 @@ class MeanAveragePrecision(Evaluator):
     in the top k), averaged over queries; the whole split (all sources together) is query set and
     gallery. Key: `map@k`.
 
-    With `codes=True` the model outputs real values whose signs are the hash bits (positive ->
-    1, zero or negative -> 0) and items are ranked by Hamming distance, equal distances in index
-    order.
+    A hashing model (a "code" output, `tfmir.models.retrieval_output`) is ranked by Hamming
+    distance: its real values' signs are the hash bits (positive -> 1, zero or negative -> 0),
+    equal distances in index order. `codes=True` ranks any model's outputs that way, and
+    `codes=False` ranks even a hashing model's real values by `metric`.
 
     Args:
         k: the number of retrieved items scored (the paper reports top-10 by default).
-        codes: rank binary codes by Hamming distance instead of embeddings by `metric`.
+        codes: rank binary codes by Hamming distance (True) or outputs by `metric` (False);
+            None (the default): Hamming distance for a hashing model, `metric` otherwise.
         metric: search metric of real-valued embeddings, one of `tfmir.index.exact.METRICS`;
-            unused with `codes=True`.
+            unused for codes.
 
     Example:
 
     ```python
-    MeanAveragePrecision(k=10, codes=True).evaluate(hasher, val, resize_size=256)  # {"map@10"}
+    MeanAveragePrecision(k=10).evaluate(hasher, val, resize_size=256)  # {"map@10"}, Hamming
     ```
 
     Reference:
@@ -309,13 +320,13 @@ class MeanAveragePrecision(Evaluator):
         eq. 3 (mAP@top-k).
     """
 
-    def __init__(self, k: int = 10, codes: bool = False, metric: str = "cosine"):
+    def __init__(self, k: int = 10, codes: bool | None = None, metric: str = "cosine"):
         if not _is_int(k) or k < 1:
             raise ValueError(f"k must be a positive integer. Received: k={k!r}")
         if metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}. Received: metric={metric!r}")
         self.k = k
-        self.codes = bool(codes)
+        self.codes = None if codes is None else bool(codes)
         self.metric = metric
 
     def metric_names(self, examples: Examples) -> list[str]:
@@ -333,14 +344,8 @@ class MeanAveragePrecision(Evaluator):
                  cache: OutputCache | None = None) -> dict[str, float]:
         outputs = (cache or OutputCache()).embeddings(model, examples, resize_size=resize_size,
                                                       batch_size=batch_size)
-        if self.codes:
-            # For ±1 codes of B bits, q·g = B - 2·hamming(q, g): ranking by largest dot product
-            # is ranking by smallest Hamming distance, exact in float32, and exact_search breaks
-            # ties by index and excludes each query itself.
-            vectors = np.where(sign_codes(outputs), 1.0, -1.0).astype(np.float32)
-            metric = "dot"
-        else:
-            vectors, metric = outputs, self.metric
+        # exact_search breaks ties by index and excludes each query itself.
+        vectors, metric = ranking_vectors(model, outputs, self.metric, codes=self.codes)
         _, indices = exact_search(vectors, vectors, self.k, metric=metric, exclude_self=True)
         return {f"map@{self.k}": map_at_k(examples.labels, examples.labels[indices], self.k)}
 
@@ -348,7 +353,8 @@ class MeanAveragePrecision(Evaluator):
 class SegmentationOverlap(Evaluator):
     """Dice and IoU of the model's thresholded mask probabilities against the true masks.
 
-    The model maps (B, S, S, 3) pixels to (B, S, S, 1) foreground probabilities; a pixel is
+    The model maps (B, S, S, 3) pixels to (B, S, S, 1) foreground probabilities (its "mask"
+    output when it returns a dict, e.g. a Y-Net hasher; else its one output); a pixel is
     predicted foreground when its probability exceeds `threshold`. Ground-truth masks come from
     `make_dataset(..., fields=("image", "mask"))`, resized and cropped like the images (0.0 or
     1.0; a pixel is true foreground above 0.5). Both scores are per image, then averaged; an
@@ -400,13 +406,17 @@ class SegmentationOverlap(Evaluator):
     def evaluate(self, model, examples: Examples, *, resize_size: int,
                  train: Examples | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
                  cache: OutputCache | None = None) -> dict[str, float]:
+        names = output_names(model)
+        if names and MASK not in names:
+            raise ValueError(f"SegmentationOverlap needs the model's {MASK!r} output. Received a "
+                             f"model with outputs {list(names)}")
         image_size = getattr(model, "image_size", None) or int(model.inputs[0].shape[1])
         dataset = make_dataset(examples, training=False, batch_size=batch_size,
                                image_size=image_size, resize_size=resize_size,
                                fields=("image", "mask"))
         # The shared traced function: calling the model eagerly per batch is much slower, and a
         # fresh tf.function would retrace every epoch.
-        predict = _embed_function(model, image_size)
+        predict = _embed_function(model, image_size, MASK)
         totals = {"dice": 0.0, "iou": 0.0}
         num_images = 0
         for features, targets in dataset:
@@ -444,7 +454,7 @@ class TrainingKNNClassification(KNNClassification):
         num_neighbors: K_p, or a tuple of them.
         max_items: about how many training items are queried; None: all of them.
         smallest_class: the class whose recall is RS (default: the training split's smallest).
-        metric: search metric, one of `tfmir.index.exact.METRICS`.
+        metric: search metric, one of `tfmir.index.exact.METRICS`; unused for a hashing model.
         seed: seed of the sample.
 
     Example:
@@ -507,12 +517,13 @@ class TrainingKNNClassification(KNNClassification):
         self.check(examples, train)
         embeddings = (cache or OutputCache()).embeddings(model, train, resize_size=resize_size,
                                                          batch_size=batch_size)
+        embeddings, metric = ranking_vectors(model, embeddings, self.metric)
         rows = self.query_rows(train)
         smallest_class = self._smallest_class(train)
         metrics = {}
         for k in self.num_neighbors:
             scores = knn_classification(embeddings, train.labels, embeddings[rows],
-                                        train.labels[rows], k=k, metric=self.metric,
+                                        train.labels[rows], k=k, metric=metric,
                                         smallest_class=smallest_class, exclude_rows=rows)
             prefix = self._prefix(k)
             metrics[f"{prefix}_accuracy"] = scores["accuracy"]

@@ -1,0 +1,23 @@
+"""Pooling, hashing and classifier layers for retrieval heads (Y-Net and its baselines)."""
+
+from tfmir.layers.cosine_classifier import CosineClassifier
+from tfmir.layers.hashing import HashProjection
+from tfmir.layers.hashing import hash_shape
+from tfmir.layers.pooling import RMAC
+from tfmir.layers.pooling import CAMPooling
+from tfmir.layers.pooling import CroW
+from tfmir.layers.pooling import GeM
+from tfmir.layers.pooling import SPoC
+from tfmir.layers.pooling import rmac_regions
+
+__all__ = [
+    "CAMPooling",
+    "CosineClassifier",
+    "CroW",
+    "GeM",
+    "HashProjection",
+    "RMAC",
+    "SPoC",
+    "hash_shape",
+    "rmac_regions",
+]
