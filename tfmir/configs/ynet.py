@@ -7,7 +7,7 @@
   144 px images; core node 4 x 4), 100 epochs of 5 batches of 32 (one pass over PH2's 160
   training images; 500 steps, against the paper's 500 epochs), sized so that
   `experiments/ynet_tables.py --config=cpu` (seven trainings on PH2) finishes on a 2-core CPU in
-  about an hour (an epoch took 4 s with its validation on 2 AVX2 cores; measured times in that
+  under an hour (measured: 44 minutes, 217-462 s per training, on 2 AVX2 cores; details in that
   module's docstring).
 - "paper": Sec. IV-B: 256 px input, batches of 32, SGD with momentum 0.9 and weight decay 1e-3,
   500 epochs, from scratch. Not in the paper, chosen here: the learning rate 0.01 (the paper does
