@@ -98,3 +98,18 @@ def test_folds_put_every_image_in_one_test_fold():
         assert np.bincount(fold["test"].labels).tolist() == [16, 16, 8]
     single = experiment.fold_splits(examples, 0, seed=0)[0]
     assert [len(single[name]) for name in ("train", "val", "test")] == [160, 20, 20]
+
+
+def test_cross_validation_queries_every_image_once(tmp_path, shared_data_dir):
+    if not (shared_data_dir / "ph2" / "labels.csv").exists():
+        pytest.skip(f"ph2 is not in the real data folder {shared_data_dir}")
+    workdir = tmp_path / "folds"
+    run_smoke("ynet_tables.py", workdir, shared_data_dir, "--folds=5", "--runs=ynet")
+    results = json.loads((workdir / "results.json").read_text())
+    assert results["settings"]["folds"] == 5 and sorted(results["runs"]) == [
+        f"fold{index}" for index in range(5)]
+    # The smoke subset's 120 images, each a test query in exactly one fold (24 per fold).
+    assert results["rows"]["ynet@64"]["num_queries"] == 120
+    assert set(results["rows"]) == {f"ynet@{bits}" for bits in (36, 64, 128, 256)} | {
+        f"pool_{name}" for name in ("rmac", "spoc", "gem", "crow", "cam")}
+    assert list(results["segmentation"]) == ["ynet"]
