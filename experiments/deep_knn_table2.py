@@ -147,7 +147,7 @@ import numpy as np
 from absl import app, flags
 
 from run_cache import (DEFAULT_DATA_ROOT, best_task_checkpoint, cached_outputs, cap_per_class,
-                       checkpoint, describe, file_fingerprint, run_once)
+                       checkpoint, describe, file_fingerprint, run_once, run_settings)
 
 DATASETS = {
     # name: (file under --data_root, title)
@@ -617,13 +617,7 @@ def main(argv) -> None:
     from tfmir.files import write_atomic, write_json
 
     start = time.time()
-    smoke = _SMOKE.value
-    setting = "tiny" if smoke and not flags.FLAGS["config"].present else _CONFIG.value
-    seed = _SEED.value
-    epochs = _EPOCHS.value or (SMOKE["epochs"] if smoke else None)
-    steps = _STEPS.value or (SMOKE["steps_per_epoch"] if smoke else None)
-    num_resamples = (SMOKE["num_resamples"] if smoke and not flags.FLAGS["num_resamples"].present
-                     else _RESAMPLES.value)
+    smoke, setting, seed, epochs, steps, num_resamples = run_settings(SMOKE)
     unknown = sorted(set(_DATASETS.value) - set(DATASETS))
     if unknown or not _DATASETS.value:
         raise app.UsageError(f"--datasets must name some of {list(DATASETS)}. "

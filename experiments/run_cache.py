@@ -19,6 +19,23 @@ from absl import logging
 DEFAULT_DATA_ROOT = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
+def run_settings(smoke_defaults: dict) -> tuple:
+    """(smoke, setting, seed, epochs, steps, num_resamples) from the flags every experiment
+    defines (--smoke, --config, --seed, --epochs, --steps_per_epoch, --num_resamples): --smoke
+    means the tiny config unless --config is given, and `smoke_defaults`' schedule and bootstrap
+    size unless those flags are given."""
+    from absl import flags
+
+    values = flags.FLAGS
+    smoke = values.smoke
+    setting = "tiny" if smoke and not values["config"].present else values.config
+    epochs = values.epochs or (smoke_defaults["epochs"] if smoke else None)
+    steps = values.steps_per_epoch or (smoke_defaults["steps_per_epoch"] if smoke else None)
+    num_resamples = (smoke_defaults["num_resamples"]
+                     if smoke and not values["num_resamples"].present else values.num_resamples)
+    return smoke, setting, values.seed, epochs, steps, num_resamples
+
+
 def checkpoint(run_dir: pathlib.Path) -> pathlib.Path:
     """The model to evaluate: the best checkpoint when there is one, else the final model."""
     best = run_dir / "best.keras"
