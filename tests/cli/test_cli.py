@@ -148,7 +148,9 @@ def test_train_refuses_a_missing_dataset_by_name(tmp_path):
     (["--config=specialist:huge"], "setting must be one of ('tiny', 'cpu', 'paper'). "
                                    "Received: 'huge'"),
     (["--config=melanoma"], "config must be one of ['deep_knn', 'deep_knn_classifier', "
-                              "'deep_knn_triplet', 'specialist', 'universal', 'ynet']"),
+                              "'deep_knn_triplet', 'melanoma_ensemble', 'melanoma_member', "
+                              "'segmenter', 'segmenter_drive', 'specialist', 'universal', "
+                              "'ynet']"),
     (["--config.optimizer.lr=1"], "unknown config key 'optimizer.lr'; valid keys here are "
                                   "['optimizer.name', 'optimizer.learning_rate'"),
     (["--config.epochs=many"], "config key 'epochs' takes a int (default 6). Received: 'many'"),

@@ -10,6 +10,8 @@ from tfmir.metrics import classification_metrics
 from tfmir.metrics import find_smallest_class
 from tfmir.metrics import knn_classification
 from tfmir.metrics import knn_predict
+from tfmir.metrics import positive_class_index
+from tfmir.metrics import roc_auc
 from tfmir.metrics import neighbor_rows
 
 
@@ -293,3 +295,49 @@ def test_knn_classification_invalid_arguments():
         knn_classification(np.eye(3), [0, 1, 2], np.eye(3), [0, 1, 2], k=1, index="faiss")
     with pytest.raises(ValueError, match=r"\[1, 3\].*k=4"):
         knn_classification(None, None, np.eye(3), [0, 1, 2], k=4, index=index)
+
+
+# --- ROC AUC and the positive class (paper 003) -------------------------------------------------
+
+def _pairwise_auc(labels, scores):
+    """The AUC by its definition: over every (positive, negative) pair, 1 if the positive scores
+    higher, 1/2 on a tie."""
+    positives = [s for label, s in zip(labels, scores) if label]
+    negatives = [s for label, s in zip(labels, scores) if not label]
+    total = sum(1.0 if p > n else 0.5 if p == n else 0.0 for p in positives for n in negatives)
+    return total / (len(positives) * len(negatives))
+
+
+def test_roc_auc_hand_cases():
+    # Pairs (pos, neg): (0.35, 0.1) right, (0.35, 0.4) wrong, (0.8, *) right: 3 of 4.
+    assert roc_auc([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]) == 0.75
+    assert roc_auc([0, 1], [0.2, 0.9]) == 1.0
+    assert roc_auc([1, 0], [0.2, 0.9]) == 0.0
+    assert roc_auc([0, 1, 0, 1], [0.5, 0.5, 0.5, 0.5]) == 0.5  # every pair tied
+
+
+def test_roc_auc_matches_the_pairwise_definition_with_ties():
+    rng = np.random.default_rng(3)
+    labels = rng.random(60) < 0.3
+    scores = rng.integers(0, 6, 60) / 5.0  # many ties
+    assert roc_auc(labels, scores) == pytest.approx(_pairwise_auc(labels, scores), abs=1e-12)
+
+
+@pytest.mark.parametrize("labels, scores, message", [
+    ([1, 1], [0.1, 0.2], "AUC needs both classes"),
+    ([0, 1], [0.1], "labels and scores must have the same length"),
+    ([0, 1], [0.1, float("nan")], "scores must be finite"),
+])
+def test_roc_auc_errors(labels, scores, message):
+    with pytest.raises(ValueError, match=message):
+        roc_auc(labels, scores)
+
+
+def test_positive_class_index():
+    assert positive_class_index(("bcc", "mel", "nv"), "mel") == 1
+    assert positive_class_index(("bcc", "mel", "nv"), 2) == 2
+    with pytest.raises(ValueError, match=r"positive_class must be one of the classes \['bcc', "
+                                         r"'mel', 'nv'\].*Received: positive_class='melanoma'"):
+        positive_class_index(("bcc", "mel", "nv"), "melanoma")
+    with pytest.raises(ValueError, match="Received: positive_class=3"):
+        positive_class_index(("bcc", "mel", "nv"), 3)

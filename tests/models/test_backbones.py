@@ -20,6 +20,12 @@ EXPECTED_STAGES = {
     "efficientnet_b0": [("block1", 1, 16), ("block2", 2, 24), ("block3", 3, 40),
                         ("block4", 4, 80), ("block5", 4, 112), ("block6", 5, 192),
                         ("block7", 5, 320), ("top", 5, 1280)],
+    # EfficientNet-B6: B0's widths times 1.8, rounded to the nearest multiple of 8 (Tan & Le's
+    # round_filters, never down by more than 10 %): 16 -> 28.8 -> 32, 24 -> 43.2 -> 40, 40 -> 72,
+    # 80 -> 144, 112 -> 201.6 -> 200, 192 -> 345.6 -> 344, 320 -> 576, 1280 -> 2304.
+    "efficientnet_b6": [("block1", 1, 32), ("block2", 2, 40), ("block3", 3, 72),
+                        ("block4", 4, 144), ("block5", 4, 200), ("block6", 5, 344),
+                        ("block7", 5, 576), ("top", 5, 2304)],
     "mobilenet_v3_small": [("stem", 1, 16), ("expanded_conv", 2, 16), ("expanded_conv_2", 3, 24),
                            ("expanded_conv_7", 4, 48), ("expanded_conv_10", 5, 96),
                            ("top", 5, 576)],
@@ -40,6 +46,7 @@ for _variant, _widths in [("efficientnet_lite0", (16, 24, 40, 80, 112, 192, 320)
 EXPECTED_PYRAMID = {
     "resnet50": {"P1": 64, "P2": 256, "P3": 512, "P4": 1024, "P5": 2048},
     "efficientnet_b0": {"P1": 16, "P2": 24, "P3": 40, "P4": 112, "P5": 1280},
+    "efficientnet_b6": {"P1": 32, "P2": 40, "P3": 72, "P4": 200, "P5": 2304},
     "mobilenet_v3_small": {"P1": 16, "P2": 16, "P3": 24, "P4": 48, "P5": 576},
     "small_resnet": {"P1": 8, "P2": 16, "P3": 32},
     "efficientnet_lite0": {"P1": 16, "P2": 24, "P3": 40, "P4": 112, "P5": 1280},
@@ -62,7 +69,10 @@ def _run(model, pixels):
     return keras.tree.map_structure(keras.ops.convert_to_numpy, model(pixels, training=False))
 
 
-@pytest.fixture(scope="module", params=BACKBONES)
+# EfficientNet-B6 (41 M parameters) takes most of a minute per test on two cores.
+@pytest.fixture(scope="module", params=[
+    pytest.param(name, marks=pytest.mark.large) if name == "efficientnet_b6" else name
+    for name in BACKBONES])
 def backbone(request):
     keras.utils.set_random_seed(0)
     return _build(request.param)

@@ -100,7 +100,8 @@ def test_the_same_classifier_run_twice_gives_identical_weights(sample, tmp_path)
 def test_unknown_task_and_task_arguments_are_named(sample):
     config = specialist_config()
     with pytest.raises(ValueError, match=r"task must be one of \['classification', "
-                                         r"'distillation', 'metric_learning', 'ynet'\]. "
+                                         r"'distillation', 'focal_classification', "
+                                         r"'metric_learning', 'segmentation', 'ynet'\]. "
                                          r"Received: task='hash_net'"):
         build_task(override(config, {"task.name": "hash_net"}).task, sample)
     with pytest.raises(ValueError, match=r"unknown metric_learning argument\(s\) \['margin'\]"):

@@ -16,6 +16,7 @@ from tfmir.data import Examples
 from tfmir.training import evaluators as evaluators_module
 from tfmir.training.evaluators import (
     EVALUATORS,
+    BinaryAUC,
     Evaluation,
     Evaluator,
     KNNClassification,
@@ -539,9 +540,9 @@ def test_make_evaluator():
     assert isinstance(evaluator, MeanAveragePrecision) and evaluator.k == 5 and evaluator.codes
     instance = SegmentationOverlap(threshold=0.3)
     assert make_evaluator(instance) is instance
-    assert set(EVALUATORS) == {"recall", "knn", "map", "segmentation", "train_knn"}
+    assert set(EVALUATORS) == {"recall", "knn", "map", "segmentation", "train_knn", "auc"}
     assert all(issubclass(cls, Evaluator) for cls in EVALUATORS.values())
-    with pytest.raises(ValueError, match=r"name must be one of \['knn', 'map', 'recall', "
+    with pytest.raises(ValueError, match=r"name must be one of \['auc', 'knn', 'map', 'recall', "
                                          r"'segmentation', 'train_knn'\]. "
                                          r"Received: name='bogus'"):
         make_evaluator("bogus")
@@ -599,3 +600,45 @@ def test_recall_hits_per_source_matches_a_brute_force_loop():
             nearest = sorted(others, key=lambda item: -float(embeddings[query] @ embeddings[item]))
             expected[query] = float(any(labels[item] == labels[query] for item in nearest[:k]))
         np.testing.assert_array_equal(recall_hits_per_source(examples, embeddings, k), expected)
+
+
+# --- BinaryAUC (paper 003's member and ensemble AUC) ---------------------------------------------
+
+
+def _brightness_classifier(side=8):
+    """A model whose "probability" is the mean pixel / 255 (fixed weights, no training)."""
+    images = keras.Input((side, side, 3))
+    mean = keras.layers.GlobalAveragePooling2D()(images)
+    probability = keras.layers.Dense(1, kernel_initializer=keras.initializers.Constant(1 / 765),
+                                     bias_initializer="zeros")(mean)
+    return keras.Model(images, {"probability": probability, "embedding": mean})
+
+
+def test_binary_auc_against_the_pairwise_definition():
+    rng = np.random.default_rng(0)
+    levels = rng.integers(0, 255, 12)
+    labels = np.array([0, 1, 2] * 4)
+    images = np.broadcast_to(levels[:, None, None, None], (12, 8, 8, 3)).astype(np.uint8)
+    examples = Examples(labels=labels, sources="s", ids=[str(i) for i in range(12)],
+                        class_names=("bkl", "mel", "nv"), images=images)
+    positive = labels == 1  # "mel" against the rest
+    pairs = [1.0 if p > n else 0.5 if p == n else 0.0
+             for p in levels[positive] for n in levels[~positive]]
+    evaluator = BinaryAUC("mel")
+    evaluator.check(examples)
+    result = evaluator.evaluate(_brightness_classifier(), examples, resize_size=8)
+    assert result == {"auc": pytest.approx(np.mean(pairs), abs=1e-12)}
+    assert make_evaluator({"name": "auc", "positive_class": 1}).positive_class == 1
+
+
+def test_binary_auc_refusals():
+    examples = Examples(labels=[0, 0], sources="s", ids=["a", "b"], class_names=("nv", "mel"),
+                        images=np.zeros((2, 8, 8, 3), np.uint8))
+    with pytest.raises(ValueError, match=r"BinaryAUC needs positive \('mel'\) and negative items"):
+        BinaryAUC("mel").check(examples)
+    with pytest.raises(ValueError, match=r"positive_class must be one of the classes"):
+        BinaryAUC("melanoma").check(examples)
+    images = keras.Input((8, 8, 3))
+    embedder = keras.Model(images, keras.layers.GlobalAveragePooling2D()(images))
+    with pytest.raises(ValueError, match="BinaryAUC needs the model's 'probability' output"):
+        BinaryAUC("mel").evaluate(embedder, examples, resize_size=8)

@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from tfmir.configs import deep_knn, universal, ynet
+from tfmir.configs import deep_knn, melanoma, segmenter, universal, ynet
 from tfmir.configs.config import (
     Config,
     DataConfig,
@@ -28,6 +28,12 @@ CONFIGS = {
     "deep_knn_classifier": deep_knn.classifier,
     # Paper 002 (Y-Net): the coupled circle + pixel cross-entropy loss, hash codes.
     "ynet": ynet.ynet,
+    # Paper 003 (melanoma CBIR): focal-loss ensemble members, then the ensemble head.
+    "melanoma_member": melanoma.member,
+    "melanoma_ensemble": melanoma.ensemble,
+    # Paper 003's segmentation module: R2U-Net + focal Tversky, on PH2 lesions and DRIVE patches.
+    "segmenter": segmenter.segmenter,
+    "segmenter_drive": segmenter.segmenter_drive,
 }
 
 

@@ -32,9 +32,21 @@ class TaskConfig:
 
 @dataclasses.dataclass
 class DataConfig:
-    """Input pipeline sizes: images are resized to `resize_size`, then cropped to the model's side."""
+    """The input pipeline.
+
+    Attributes:
+        resize_size: images are resized to this side, then cropped to the model's side.
+        augmentations: training augmentations after the crop and flip, names among
+            `tfmir.data.AUGMENTATIONS` (paper 003: all seven); empty: none.
+    """
 
     resize_size: int = 256
+    augmentations: tuple = ()
+
+    def __post_init__(self):
+        # One spelling, so a config equals itself read back from JSON (which has no tuples).
+        if isinstance(self.augmentations, list):
+            self.augmentations = tuple(self.augmentations)
 
 
 @dataclasses.dataclass
@@ -236,6 +248,9 @@ def _convert(path: str, current, value):
     elif isinstance(current, (list, tuple, dict)):
         if isinstance(value, type(current)):
             return value
+        # JSON (config.json, to_dict) has no tuples: a list read back fills a tuple field.
+        if isinstance(current, (list, tuple)) and isinstance(value, (list, tuple)):
+            return type(current)(value)
     if isinstance(value, str):
         parsed = parse_value(value)
         if not isinstance(parsed, str):

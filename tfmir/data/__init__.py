@@ -1,5 +1,17 @@
-"""Data: MedMNIST / image-folder / CSV readers, splits, samplers and the tf.data pipeline."""
+"""Data: MedMNIST / image-folder / CSV readers, splits, samplers, augmentation and the tf.data
+pipeline."""
 
+from tfmir.data.augmentation import (
+    AUGMENTATIONS,
+    DEFAULT_STRENGTHS,
+    GEOMETRIC_AUGMENTATIONS,
+    PAPER_AUGMENTATIONS,
+    Augmentation,
+    build_augmentation,
+    check_augmentations,
+    expand_dataset,
+    gridmask_layer,
+)
 from tfmir.data.datasets import (
     IMAGE_EXTENSIONS,
     MEDMNIST_CLASS_NAMES,
@@ -35,21 +47,30 @@ from tfmir.data.samplers import (
 )
 
 __all__ = [
+    "AUGMENTATIONS",
+    "DEFAULT_STRENGTHS",
     "FIELDS",
+    "GEOMETRIC_AUGMENTATIONS",
     "IMAGE_EXTENSIONS",
     "MEDMNIST_CLASS_NAMES",
     "MEDMNIST_MD5",
     "MEDMNIST_URL",
+    "PAPER_AUGMENTATIONS",
+    "Augmentation",
     "ClassBalancedSampler",
     "Examples",
     "ReplicaShard",
     "ShuffledSampler",
     "SourceAwareSampler",
+    "build_augmentation",
+    "check_augmentations",
     "concatenate",
     "decode_image",
     "default_data_dir",
     "downsample_top_classes",
+    "expand_dataset",
     "find_unreadable",
+    "gridmask_layer",
     "keep_single_label",
     "load_csv_manifest",
     "load_image_folder",

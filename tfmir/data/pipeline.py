@@ -29,6 +29,7 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
+from tfmir.data.augmentation import Augmentation, check_augmentations
 from tfmir.data.datasets import Examples
 from tfmir.data.samplers import ShuffledSampler
 from tfmir.images import (GIF_SIGNATURES, JPEG_SIGNATURE, PNG_SIGNATURE, SIXTEEN_BIT_DIVISOR,
@@ -416,7 +417,8 @@ def make_dataset(examples: Examples, *, training: bool, batch_size: int | None =
                  sampler: Iterable[np.ndarray] | None = None, image_size: int = 224,
                  resize_size: int = 256, fields: Sequence[str] = ("image", "label"),
                  shuffle: bool | None = None, seed: int = 0, num_parallel_calls: int = AUTOTUNE,
-                 deterministic: bool | None = None) -> tf.data.Dataset:
+                 deterministic: bool | None = None,
+                 augmentations: Sequence[str] | Augmentation = ()) -> tf.data.Dataset:
     """Builds the tf.data pipeline of `examples`: dict batches of the requested fields.
 
     Elements are `(inputs, targets)`: `inputs = {"image": float32 (B, S, S, 3) in [0, 255]}` and
@@ -431,11 +433,11 @@ def make_dataset(examples: Examples, *, training: bool, batch_size: int | None =
     - Training: the batches are exactly the sampler's index batches, forever; without a sampler,
       those of `ShuffledSampler(len(examples), batch_size=batch_size, seed=seed)`.
 
-    Training augmentation (random crop + flip) is seeded by `seed` and the element's position in
-    the stream, so a pipeline is reproducible. In-memory images are gathered and augmented a whole
-    batch at a time; files are read and decoded in parallel, one per call. Masks come from
-    `examples.masks` (in memory) or `examples.mask_paths` (files, checked up front: every item
-    needs a mask file of its image's size).
+    Training augmentation (random crop + flip, then `augmentations`) is seeded by `seed` and the
+    element's position in the stream, so a pipeline is reproducible. In-memory images are
+    gathered and augmented a whole batch at a time; files are read and decoded in parallel, one
+    per call. Masks come from `examples.masks` (in memory) or `examples.mask_paths` (files,
+    checked up front: every item needs a mask file of its image's size).
 
     Args:
         examples: the items, in memory or on disk.
@@ -454,6 +456,9 @@ def make_dataset(examples: Examples, *, training: bool, batch_size: int | None =
         num_parallel_calls: parallelism of the decode/augment map.
         deterministic: passed to `Dataset.map` (None keeps the tf.data default, deterministic).
             Files read for a sampler are always kept in order so batches stay the sampler's.
+        augmentations: in training, after the crop and flip: names among
+            `tfmir.data.AUGMENTATIONS` (e.g. `PAPER_AUGMENTATIONS`) or an `Augmentation`; flips
+            move the mask with its image. Ignored (names still checked) when not training.
 
     Returns:
         A prefetched dataset of `(inputs, targets)` dicts, or of `inputs` alone.
@@ -474,6 +479,11 @@ def make_dataset(examples: Examples, *, training: bool, batch_size: int | None =
         raise ValueError("image_size must be positive and resize_size >= image_size. Received: "
                          f"image_size={image_size}, resize_size={resize_size}")
     fields = _check_fields(fields)
+    if isinstance(augmentations, Augmentation):
+        augment = augmentations if training else None
+    else:
+        names = check_augmentations(augmentations)
+        augment = Augmentation(names, seed=seed) if names and training else None
     if batch_size is not None and (int(batch_size) != batch_size or batch_size < 1):
         raise ValueError("batch_size must be a positive integer. "
                          f"Received: batch_size={batch_size!r}")
@@ -535,9 +545,13 @@ def make_dataset(examples: Examples, *, training: bool, batch_size: int | None =
         return ({"image": images}, targets) if targets else {"image": images}
 
     def preprocess(step, images, masks):
+        step_seed = tf.stack([base_seed, step])
         outputs = preprocess_image(images, training=training, image_size=image_size,
-                                   resize_size=resize_size, seed=tf.stack([base_seed, step]),
-                                   mask=masks)
+                                   resize_size=resize_size, seed=step_seed, mask=masks)
+        if augment is not None:
+            # A stream apart from the crop and flip's, which split step_seed itself.
+            outputs = augment(*(outputs if with_masks else (outputs,)),
+                              seed=tf.random.experimental.stateless_fold_in(step_seed, 1))
         return outputs if with_masks else (outputs, None)
 
     if examples.in_memory:

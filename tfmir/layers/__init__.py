@@ -1,6 +1,8 @@
-"""Pooling, hashing and classifier layers for retrieval heads (Y-Net and its baselines)."""
+"""Pooling, hashing, classifier and Gram-matrix layers for retrieval heads."""
 
 from tfmir.layers.cosine_classifier import CosineClassifier
+from tfmir.layers.gram import GramMatrix
+from tfmir.layers.gram import gram_matrix
 from tfmir.layers.hashing import HashProjection
 from tfmir.layers.hashing import hash_shape
 from tfmir.layers.pooling import RMAC
@@ -15,9 +17,11 @@ __all__ = [
     "CosineClassifier",
     "CroW",
     "GeM",
+    "GramMatrix",
     "HashProjection",
     "RMAC",
     "SPoC",
+    "gram_matrix",
     "hash_shape",
     "rmac_regions",
 ]

@@ -8,6 +8,8 @@ from tfmir.metrics.classification import find_smallest_class
 from tfmir.metrics.classification import knn_classification
 from tfmir.metrics.classification import knn_predict
 from tfmir.metrics.classification import neighbor_rows
+from tfmir.metrics.classification import positive_class_index
+from tfmir.metrics.classification import roc_auc
 from tfmir.metrics.retrieval import average_precisions
 from tfmir.metrics.retrieval import map_at_k
 from tfmir.metrics.retrieval import precision_at_k
@@ -30,8 +32,10 @@ __all__ = [
     "map_at_k",
     "neighbor_rows",
     "paired_bootstrap",
+    "positive_class_index",
     "precision_at_k",
     "recall_at_k",
     "recall_hits",
     "retrieval_metrics",
+    "roc_auc",
 ]

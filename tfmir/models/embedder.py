@@ -46,10 +46,7 @@ class Embedder(keras.Model):
         backbone_model = backbones.build_backbone(backbone, int(image_size), weights=weights,
                                                   widths=backbone_widths)
         if freeze_batch_norm:
-            for layer in backbone_model._flatten_layers(include_self=False):
-                if isinstance(layer, keras.layers.BatchNormalization):
-                    # A non-trainable BatchNormalization runs in inference mode (Keras 3).
-                    layer.trainable = False
+            backbones.freeze_batch_norm(backbone_model)
 
         # === Functional Model ===
         images = keras.Input((image_size, image_size, 3), name="images")

@@ -7,7 +7,12 @@ search, serve):
 - `EMBEDDING` ("embedding"): float (B, D) vectors compared by cosine, dot or L2;
 - `CODE` ("code"): float (B, k) values, tanh in (-1, 1), whose signs are k hash bits (positive
   -> 1, else 0, as `tfmir.index.sign_codes`), compared by Hamming distance;
-- `MASK` ("mask"): float (B, S, S, 1) foreground probabilities at the model's input size.
+- `MASK` ("mask"): float (B, S, S, 1) foreground probabilities at the model's input size;
+- `PROBABILITY` ("probability"): float (B, 1) probability of a binary classifier's positive
+  class (paper 003's melanoma);
+- "gram_1" .. "gram_L" (`gram_output_name`): float (B, C_l, C_l) Gram matrices of L style
+  layers, which make a model a style model: its index also stores them (and its masks), and
+  search can rank by style (`tfmir.similarity`).
 
 `retrieval_output` says which output to retrieve with, and how: a single-output model's one
 output, or a dict model's "code" (kind "hash"), else its "embedding" (kind "float").
@@ -31,6 +36,8 @@ from collections.abc import Mapping
 EMBEDDING = "embedding"
 CODE = "code"
 MASK = "mask"
+PROBABILITY = "probability"
+GRAM_PREFIX = "gram_"
 FLOAT = "float"
 HASH = "hash"
 OUTPUT_KINDS = (FLOAT, HASH)
@@ -75,6 +82,18 @@ def retrieval_output(model) -> tuple[str, str]:
         return EMBEDDING, FLOAT
     raise ValueError(f"the model has no output to retrieve with: expected an {EMBEDDING!r} or a "
                      f"{CODE!r} output. Received a model with outputs {list(names)}")
+
+
+def gram_output_name(level: int) -> str:
+    """The name of the Gram matrix output of style layer `level` (1-based): "gram_<level>"."""
+    return f"{GRAM_PREFIX}{int(level)}"
+
+
+def gram_outputs(model) -> tuple[str, ...]:
+    """The model's Gram matrix outputs in layer order ("gram_1", "gram_2", ...); () for none."""
+    names = [name for name in output_names(model)
+             if name.startswith(GRAM_PREFIX) and name[len(GRAM_PREFIX):].isdigit()]
+    return tuple(sorted(names, key=lambda name: int(name[len(GRAM_PREFIX):])))
 
 
 def has_mask(model) -> bool:

@@ -8,7 +8,9 @@ import keras
 
 from tfmir.tasks.classification import Classification, inverse_frequency_weights
 from tfmir.tasks.distillation import Distillation
+from tfmir.tasks.focal_classification import FocalClassification
 from tfmir.tasks.metric_learning import MetricLearning
+from tfmir.tasks.segmentation import Segmentation
 from tfmir.tasks.task import FIELDS, SAMPLERS, Task
 from tfmir.tasks.ynet import YNetTraining
 
@@ -18,6 +20,8 @@ TASKS = {
     "distillation": Distillation,
     "classification": Classification,
     "ynet": YNetTraining,
+    "focal_classification": FocalClassification,
+    "segmentation": Segmentation,
 }
 
 # A task argument every task takes: start the deployable model from a saved one.
@@ -77,6 +81,6 @@ def initialize_from(model: keras.Model, path) -> None:
     model.set_weights(source.get_weights())
 
 
-__all__ = ["Classification", "Distillation", "FIELDS", "INIT_FROM", "MetricLearning", "SAMPLERS",
-           "TASKS", "Task", "YNetTraining", "build_task", "initialize_from",
-           "inverse_frequency_weights"]
+__all__ = ["Classification", "Distillation", "FIELDS", "FocalClassification", "INIT_FROM",
+           "MetricLearning", "SAMPLERS", "Segmentation", "TASKS", "Task", "YNetTraining",
+           "build_task", "initialize_from", "inverse_frequency_weights"]

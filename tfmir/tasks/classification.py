@@ -9,7 +9,7 @@ import numpy as np
 from keras import ops
 
 from tfmir.models import Embedder
-from tfmir.tasks.task import Task
+from tfmir.tasks.task import Task, check_task_arguments
 
 CLASS_WEIGHTINGS = ("inverse_frequency", "none")
 
@@ -161,10 +161,7 @@ class Classification(Task):
         """Builds the task of a `tfmir.configs.TaskConfig`: the embedder from `model` (`Embedder`
         arguments), one class per training class name, args = {"class_weighting":
         "inverse_frequency" (default, from the training split) or "none"}."""
-        unknown = sorted(set(args) - {"class_weighting"})
-        if unknown:
-            raise ValueError(f"unknown classification argument(s) {unknown}; it takes "
-                             "['class_weighting']")
+        check_task_arguments("classification", args, ("class_weighting",))
         weighting = args.get("class_weighting", "inverse_frequency")
         if weighting not in CLASS_WEIGHTINGS:
             raise ValueError(f"class_weighting must be one of {CLASS_WEIGHTINGS}. "

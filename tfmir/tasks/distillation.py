@@ -13,7 +13,7 @@ from keras import ops
 from tfmir.losses.multi_similarity import MultiSimilarity, multi_similarity
 from tfmir.losses.rkd import RKDDistance, rkd_distance
 from tfmir.models import Embedder
-from tfmir.tasks.task import Task
+from tfmir.tasks.task import Task, check_task_arguments
 
 
 @keras.saving.register_keras_serializable(package="tfmir")
@@ -144,10 +144,7 @@ class Distillation(Task):
         """Builds the task of a `tfmir.configs.TaskConfig`: the student from `model`
         (`Embedder` arguments), args = {"specialists": {source: .keras path or model},
         "delta": ...}; the source names are the training split's."""
-        unknown = sorted(set(args) - {"specialists", "delta"})
-        if unknown:
-            raise ValueError(f"unknown distillation argument(s) {unknown}; it takes "
-                             "['specialists', 'delta']")
+        check_task_arguments("distillation", args, ("specialists", "delta"))
         specialists = check_specialists(args.get("specialists") or {},
                                         splits["train"].source_names)
         # The student first: its initial weights must not depend on how teachers are given.

@@ -8,7 +8,7 @@ from tfmir.losses import BatchHardTriplet
 from tfmir.losses import KNNTriplet
 from tfmir.losses import MultiSimilarity
 from tfmir.models import Embedder
-from tfmir.tasks.task import Task
+from tfmir.tasks.task import Task, check_task_arguments
 
 LOSSES = {"multi_similarity": MultiSimilarity, "knn_triplet": KNNTriplet,
           "batch_hard_triplet": BatchHardTriplet}
@@ -85,9 +85,7 @@ class MetricLearning(Task):
     def from_task_config(cls, model: dict, args: dict, splits: dict) -> "MetricLearning":
         """Builds the task of a `tfmir.configs.TaskConfig` (model = `Embedder` arguments)."""
         del splits
-        unknown = sorted(set(args) - {"loss"})
-        if unknown:
-            raise ValueError(f"unknown metric_learning argument(s) {unknown}; it takes ['loss']")
+        check_task_arguments("metric_learning", args, ("loss",))
         return cls(Embedder(**model), loss=args.get("loss"))
 
 

@@ -9,6 +9,17 @@ SAMPLERS = ("class_balanced", "source_aware", "shuffled")
 MODES = ("max", "min")
 
 
+def check_task_arguments(task: str, args, accepted) -> None:
+    """Raises ValueError naming the arguments in `args` that task `task` does not take.
+
+    Every task's `from_task_config` calls it first, so a misspelt `--config.task.args.KEY` fails
+    with the list of accepted names instead of a TypeError deep inside a constructor.
+    """
+    unknown = sorted(set(args) - set(accepted))
+    if unknown:
+        raise ValueError(f"unknown {task} argument(s) {unknown}; it takes {list(accepted)}")
+
+
 class Task(keras.Model):
     """A training objective around a deployable model.
 

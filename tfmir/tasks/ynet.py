@@ -7,7 +7,7 @@ from keras import ops
 
 from tfmir.losses import ClassCircle, LossWeight
 from tfmir.models.ynet import YNet
-from tfmir.tasks.task import Task
+from tfmir.tasks.task import Task, check_task_arguments
 
 CLASSIFICATION_LOSSES = ("circle", "cross_entropy")
 LOSS_WEIGHTINGS = ("fixed", "learnable", "sum")
@@ -144,11 +144,8 @@ class YNetTraining(Task):
         """Builds the task of a `tfmir.configs.TaskConfig`: the Y-Net from `model` (`YNet`
         arguments; `num_classes` defaults to the training split's classes) and the other
         arguments of this class from `args`."""
-        accepted = ("classification_loss", "loss_weighting", "weight", "num_bits", "hash_seed",
-                    "scale", "margin")
-        unknown = sorted(set(args) - set(accepted))
-        if unknown:
-            raise ValueError(f"unknown ynet argument(s) {unknown}; it takes {list(accepted)}")
+        check_task_arguments("ynet", args, ("classification_loss", "loss_weighting", "weight",
+                                            "num_bits", "hash_seed", "scale", "margin"))
         model = dict(model)
         model.setdefault("num_classes", len(splits["train"].class_names))
         return cls(YNet(**model), **args)

@@ -35,8 +35,8 @@ import numpy as np
 from tfmir.data import Examples, make_dataset
 from tfmir.index.exact import METRICS, ExactIndex, exact_search
 from tfmir.metrics import (dice_score, find_smallest_class, iou_score, knn_classification,
-                           map_at_k)
-from tfmir.models.outputs import MASK, output_names
+                           map_at_k, positive_class_index, roc_auc)
+from tfmir.models.outputs import MASK, PROBABILITY, output_names
 from tfmir.training.evaluation import (_embed_function, embed_examples, evaluate_retrieval,
                                        ranking_vectors)
 
@@ -434,6 +434,54 @@ class SegmentationOverlap(Evaluator):
         return {key: total / num_images for key, total in totals.items()}
 
 
+class BinaryAUC(Evaluator):
+    """The ROC AUC of a binary classifier's "probability" output for one positive class.
+
+    The model maps (B, S, S, 3) pixels to a dict with a (B, 1) `"probability"` output (an
+    `EnsembleMember` or a `StyleEnsemble`); an item is positive when its label is
+    `positive_class`, every other class is negative (paper 003: melanoma against the rest). The
+    AUC is exact (`tfmir.metrics.roc_auc`, mid-ranks for ties). Key: `auc`.
+
+    Args:
+        positive_class: the positive class's name (e.g. "mel") or label index.
+
+    Example:
+
+    ```python
+    BinaryAUC("mel").evaluate(member, val, resize_size=144)  # {"auc": ...}
+    ```
+    """
+
+    def __init__(self, positive_class: str | int = 1):
+        self.positive_class = positive_class
+
+    def metric_names(self, examples: Examples) -> list[str]:
+        return ["auc"]
+
+    def check(self, examples: Examples, train: Examples | None = None) -> None:
+        positive = positive_class_index(examples.class_names, self.positive_class)
+        labels = np.asarray(examples.labels) == positive
+        if labels.all() or not labels.any():
+            raise ValueError(f"BinaryAUC needs positive ({self.positive_class!r}) and negative "
+                             f"items in the evaluation split. Received {int(labels.sum())} "
+                             f"positive of {labels.size}")
+
+    def evaluate(self, model, examples: Examples, *, resize_size: int,
+                 train: Examples | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
+                 cache: OutputCache | None = None) -> dict[str, float]:
+        if PROBABILITY not in output_names(model):
+            raise ValueError(f"BinaryAUC needs the model's {PROBABILITY!r} output. Received a "
+                             f"model with outputs {list(output_names(model))}")
+        image_size = getattr(model, "image_size", None) or int(model.inputs[0].shape[1])
+        dataset = make_dataset(examples, training=False, batch_size=batch_size,
+                               image_size=image_size, resize_size=resize_size, fields=("image",))
+        predict = _embed_function(model, image_size, PROBABILITY)
+        scores = np.concatenate([np.asarray(predict(features["image"])).reshape(-1)
+                                 for features in dataset])
+        positive = positive_class_index(examples.class_names, self.positive_class)
+        return {"auc": roc_auc(np.asarray(examples.labels) == positive, scores)}
+
+
 class TrainingKNNClassification(KNNClassification):
     """Leave-one-out kNN classification of (a fixed sample of) the training split: Acc, MCR, RS.
 
@@ -538,6 +586,7 @@ EVALUATORS = {
     "map": MeanAveragePrecision,
     "segmentation": SegmentationOverlap,
     "train_knn": TrainingKNNClassification,
+    "auc": BinaryAUC,
 }
 
 

@@ -242,7 +242,7 @@ def _replica_datasets(strategy, train: Examples, sampler, task, config: Config):
         seed = config.seed + 1_000_003 * context.input_pipeline_id
         return make_dataset(train, training=True, sampler=replica_sampler, fields=task.fields,
                             image_size=task.image_size, resize_size=config.data.resize_size,
-                            seed=seed)
+                            seed=seed, augmentations=config.data.augmentations)
 
     mode = (tf.distribute.InputReplicationMode.PER_REPLICA
             if isinstance(strategy, tf.distribute.MirroredStrategy)
