@@ -29,6 +29,9 @@ shards are removed. The index manifest records the model fingerprint and the que
 (resize side, crop, input size); `tfmir search` and `tfmir serve` refuse a model or resize side
 that differ.
 
+A style model (Gram matrix outputs, paper 003) gives a style database instead: see
+`tfmir.cli.style_index` (--segmenter, --mask_size, --layer_weights, --projection_dim).
+
 Embedding on several machines: each of N workers runs the same command with
 --num_shards=N --shard_index=i, and one merge builds the index:
 
@@ -72,11 +75,13 @@ _OUTPUT = flags.DEFINE_string("output", None, "Index directory to write.", requi
 _SPLITS = flags.DEFINE_list("splits", ["train", "val", "test"],
                             "Splits of each spec to index (default: all of them).")
 _KIND = flags.DEFINE_enum(
-    "kind", "auto", ["auto", "exact", "scann", "hamming"],
-    "Index kind; auto is ScaNN when it imports, else exact, and hamming for a model that outputs "
-    "hash codes. hamming stores the sign of each embedding component as one bit (D-bit codes for "
-    "D-dimensional embeddings) and searches by Hamming distance; `tfmir search` and `tfmir "
-    "serve` binarize queries the same way. A hashing model's codes need hamming (or auto).")
+    "kind", "auto", ["auto", "exact", "scann", "hamming", "style"],
+    "Index kind; auto is ScaNN when it imports, else exact, hamming for a model that outputs "
+    "hash codes, and style for a model with Gram matrix outputs (paper 003). hamming stores the "
+    "sign of each embedding component as one bit (D-bit codes for D-dimensional embeddings) and "
+    "searches by Hamming distance; `tfmir search` and `tfmir serve` binarize queries the same "
+    "way. A hashing model's codes need hamming (or auto); a style model's outputs need style "
+    "(or auto).")
 _METRIC = flags.DEFINE_enum("metric", "cosine", ["cosine", "dot", "l2"],
                             "Similarity metric of an exact or scann index (a hamming index "
                             "always uses the Hamming distance).")
@@ -106,6 +111,20 @@ _MERGE = flags.DEFINE_bool(
     "merge", False, "Build the index from the shards the workers finished, embedding nothing: "
     "missing shards are named and refused. (Without --merge and worker flags, missing shards "
     "are embedded here.)")
+
+# Style models (paper 003; see tfmir.cli.style_index).
+_SEGMENTER = flags.DEFINE_string(
+    "segmenter", None, "Style models only: a .keras segmenter (pixels -> (B, S, S, 1) lesion "
+    "probabilities) whose masks the database stores for the Dice measures.")
+_MASK_SIZE = flags.DEFINE_integer(
+    "mask_size", 64, "Style models only: side of the grid the masks are stored (bit-packed) and "
+    "compared on.", lower_bound=1)
+_LAYER_WEIGHTS = flags.DEFINE_list(
+    "layer_weights", None, "Style models only: the style loss weight beta_l of each Gram layer "
+    "(default: all 1), folded into the stored Grams.")
+_PROJECTION_DIM = flags.DEFINE_integer(
+    "projection_dim", 256, "Style models only: PCA dimensions of the packed Grams kept for fast "
+    "search.", lower_bound=1)
 
 # What the merge command that a worker prints repeats (the rest does not change the shards).
 _MERGE_FLAGS = (_MODEL, _DATA, _OUTPUT, _SPLITS, _KIND, _METRIC, _SHARD_SIZE, _RESIZE_SIZE,
@@ -303,6 +322,8 @@ def merge_command(num_workers: int) -> str:
 
 
 def build_index(model: str, specs, output: str) -> None:
+    if _build_style_database(model, specs, output):
+        return
     if _KIND.value == "hamming" and _METRIC.present:
         raise IndexCommandError("--metric does not apply to --kind=hamming: a hamming index "
                                 "always uses the Hamming distance.")
@@ -320,6 +341,59 @@ def build_index(model: str, specs, output: str) -> None:
             _build_index(model, specs, output, num_workers)
     except LockedError as error:
         raise IndexCommandError(str(error)) from error
+
+
+def _build_style_database(model: str, specs, output: str) -> bool:
+    """Builds a style database when --model has Gram outputs (or --kind=style); else False."""
+    from tfmir.cli import style_index
+    from tfmir.index.embedding import ShardMismatchError
+
+    try:
+        loaded = style_index.load_style_model(model)
+    except ValueError as error:
+        raise IndexCommandError(str(error)) from error
+    if loaded is None and _KIND.value != "style":
+        if _SEGMENTER.value is not None:
+            raise IndexCommandError(f"--segmenter applies to style models (with Gram outputs) "
+                                    f"only; {model} has none.")
+        return False
+    if loaded is not None and _KIND.value not in ("auto", "style"):
+        raise IndexCommandError(f"--kind={_KIND.value} does not fit {model}: it is a style model "
+                                "(Gram matrix outputs), indexed as a style database; use "
+                                "--kind=style (or --kind=auto).")
+    worker_flags = [f"--{holder.name}" for holder in (_NUM_SHARDS, _SHARD_INDEX, _MERGE)
+                    if holder.present]
+    if worker_flags or os.environ.get("TF_CONFIG"):
+        raise IndexCommandError(f"{' '.join(worker_flags) or 'TF_CONFIG'}: several workers are "
+                                "not supported for a style database yet; run one `tfmir index` "
+                                "(it is resumable).")
+    if _METRIC.present:
+        raise IndexCommandError("--metric does not apply to a style database: it ranks by the "
+                                "measure `tfmir search --measure` names.")
+    output = os.path.abspath(output)
+    reason = unwritable_reason(output)
+    if reason:
+        raise IndexCommandError(f"--output={output} cannot be written: {reason}.")
+    try:
+        with exclusive_lock(output, "tfmir index"):
+            _refuse_existing_output(output)
+            parts = load_parts(specs, _SPLITS.value)
+            summary = style_index.build_style_database(
+                parts, output, model=model, segmenter=_SEGMENTER.value,
+                resize_size=_RESIZE_SIZE.value, batch_size=_BATCH_SIZE.value,
+                shard_size=(_SHARD_SIZE.value if _SHARD_SIZE.present
+                            else style_index.DEFAULT_STYLE_SHARD_SIZE),
+                overwrite=_OVERWRITE.value,
+                layer_weights=style_index.parse_layer_weights(_LAYER_WEIGHTS.value),
+                mask_size=_MASK_SIZE.value, projection_dim=_PROJECTION_DIM.value,
+                loaded_model=loaded)
+    except ShardMismatchError as error:
+        raise IndexCommandError(f"{error}; pass --overwrite to discard them, or remove "
+                                f"{output}.shards.") from error
+    except (LockedError, ValueError) as error:
+        raise IndexCommandError(str(error)) from error
+    print(summary)
+    return True
 
 
 def _refuse_existing_output(output: str) -> None:

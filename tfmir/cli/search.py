@@ -13,6 +13,11 @@ codes, or a hashing model's bits; scores are then Hamming distances (lower is be
 model's codes search a hamming index only; a float index is refused. An --output_json or --gallery
 that cannot be written (a read-only folder, a file where a folder should be) is refused before
 anything is embedded.
+
+A style database (`tfmir index` with a model that has Gram outputs, paper 003) is searched with
+--measure (one of the nine of `tfmir.similarity.MEASURES`, default style) and --mode (exact or
+fast); each entry then also names its "measure" and "mode". --segmenter segments the queries
+for the Dice measures; see `tfmir.cli.style_index`.
 """
 
 from __future__ import annotations
@@ -44,6 +49,22 @@ _SOURCE = flags.DEFINE_string(
     "(doubling up to the whole index) and keeping that source's results.")
 _RESIZE_SIZE = flags.DEFINE_integer(
     "resize_size", None, "Resize side for a .keras --model (default: config.json beside it).",
+    lower_bound=1)
+
+# Style databases (paper 003; see tfmir.cli.style_index).
+_SEGMENTER = flags.DEFINE_string(
+    "segmenter", None, "Style databases: the .keras segmenter that built the database, to "
+    "segment the queries for the Dice measures (an empty predicted mask scores Dice 1 against "
+    "an empty mask and 0 against any other: `tfmir.similarity.dice_coefficient`).")
+_MEASURE = flags.DEFINE_string(
+    "measure", None, "Style databases: the similarity measure, one of euclidean, cosine, style, "
+    "I1_ED, I1_CD, I1_ECD, I1_SE, I1_SC, I1_SD (default style). Scores are in [0, 1], higher is "
+    "more similar.")
+_MODE = flags.DEFINE_enum(
+    "mode", None, ["exact", "fast"], "Style databases: exact (every item, the paper's "
+    "normalisation) or fast (exact re-ranking of PCA candidates; default exact).")
+_CANDIDATES = flags.DEFINE_integer(
+    "candidates", 100, "Style databases, --mode=fast: items taken from each candidate list.",
     lower_bound=1)
 
 PLACEHOLDER_GREY = 160
@@ -129,6 +150,10 @@ def search(queries) -> None:
                           "`tfmir index`.")
     check_output_files({"output_json": _OUTPUT_JSON.value, "gallery": _GALLERY.value})
     check_queries(queries)
+    output = _search_style_database(queries)
+    if output is not None:
+        _write_output(queries, output)
+        return
     try:
         embed = load_embedding_function(_MODEL.value, resize_size=_RESIZE_SIZE.value)
     except ValueError as error:
@@ -149,6 +174,35 @@ def search(queries) -> None:
     results = search_sources(index, embeddings, _K.value, _SOURCE.value)
     output = [{"query": query, "results": rows, "predicted_label": label}
               for query, rows, label in zip(queries, results, predicted_labels(results))]
+    _write_output(queries, output)
+
+
+def _search_style_database(queries) -> list | None:
+    """The JSON entries of a style database's search; None when --index is another kind."""
+    from tfmir.cli import style_index
+    from tfmir.index.style import is_style_database
+
+    style_flags = [f"--{holder.name}" for holder in (_SEGMENTER, _MEASURE, _MODE)
+                   if holder.present]
+    if not is_style_database(_INDEX.value):
+        if style_flags:
+            raise SearchError(f"{' '.join(style_flags)} apply to a style database only; "
+                              f"{_INDEX.value} is another kind of index.")
+        return None
+    if _SOURCE.value is not None:
+        raise SearchError("--source is not supported for a style database.")
+    try:
+        database, extractor = style_index.load_for_search(
+            _INDEX.value, _MODEL.value, _SEGMENTER.value, _MEASURE.value or "style",
+            resize_size=_RESIZE_SIZE.value)
+        return style_index.search_entries(
+            database, extractor, queries, k=_K.value, measure=_MEASURE.value or "style",
+            mode=_MODE.value or "exact", candidates=_CANDIDATES.value)
+    except ValueError as error:
+        raise SearchError(str(error)) from error
+
+
+def _write_output(queries, output) -> None:
     text = json.dumps(output, indent=2) + "\n"
     try:
         if _OUTPUT_JSON.value:

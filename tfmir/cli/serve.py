@@ -13,6 +13,8 @@ model that built the index; its fingerprint is checked), or by TF Serving with -
 (then --model, if given, is only used to check the fingerprint of the export TF Serving serves).
 A model that outputs hash codes serves its hamming index the same way (from TF Serving, the
 "bits" output of its export is read); a float index is refused for it at startup.
+A style database (paper 003) answers `POST /search?k=5&measure=I1_SE&mode=fast` with the
+measure and mode named in its answer; an unknown measure is a 400 (see `tfmir.serving.style`).
 Listens on the loopback interface unless --host says otherwise. Ctrl-C or SIGTERM stops it.
 """
 
@@ -48,6 +50,19 @@ _RESIZE_SIZE = flags.DEFINE_integer(
     "resize_size", None, "Resize side for a .keras --model (default: config.json beside it).",
     lower_bound=1)
 
+# Style databases (paper 003; see tfmir.serving.style).
+_SEGMENTER = flags.DEFINE_string(
+    "segmenter", None, "Style databases: the .keras segmenter that built the database, to "
+    "segment queries for the Dice measures (an empty predicted mask scores Dice 1 against an "
+    "empty mask, 0 against any other).")
+_MEASURE = flags.DEFINE_string(
+    "measure", None, "Style databases: the measure of requests without `measure=` (default "
+    "style); one of euclidean, cosine, style, I1_ED, I1_CD, I1_ECD, I1_SE, I1_SC, I1_SD.")
+_MODE = flags.DEFINE_enum("mode", None, ["exact", "fast"], "Style databases: the mode of "
+                          "requests without `mode=` (default exact).")
+_CANDIDATES = flags.DEFINE_integer("candidates", None, "Style databases, fast mode: items taken "
+                                   "from each candidate list (default 100).", lower_bound=1)
+
 
 def _stop(signal_number, frame):
     raise KeyboardInterrupt
@@ -66,7 +81,9 @@ def main(argv) -> None:
                              k=_K.value, tf_serving_url=_TF_SERVING_URL.value,
                              max_request_bytes=_MAX_REQUEST_BYTES.value,
                              max_image_pixels=_MAX_IMAGE_PIXELS.value,
-                             resize_size=_RESIZE_SIZE.value)
+                             resize_size=_RESIZE_SIZE.value, segmenter=_SEGMENTER.value,
+                             measure=_MEASURE.value, mode=_MODE.value,
+                             candidates=_CANDIDATES.value)
     except (ValueError, OSError) as error:
         raise SystemExit(f"tfmir serve: error: {error}") from None
     health = server.service.health()

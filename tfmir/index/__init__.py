@@ -2,7 +2,8 @@
 
 One interface (`Index`: build, add, search, search_arrays, get, save, load) with
 three implementations: `ExactIndex`, `ScannIndex` and `HammingIndex` (`sign_codes`
-turns real-valued embeddings into its bit codes).
+turns real-valued embeddings into its bit codes). `StyleDatabase` is paper 003's archive of
+feature vectors, packed Gram matrices and masks, ranked by its nine similarity measures.
 """
 
 from tfmir.index.base import FingerprintMismatchError
@@ -14,6 +15,7 @@ from tfmir.index.hamming import HammingIndex
 from tfmir.index.hamming import pack_bits
 from tfmir.index.hamming import sign_codes
 from tfmir.index.scann_index import ScannIndex
+from tfmir.index.style import StyleDatabase
 
 __all__ = [
     "METRICS",
@@ -22,6 +24,7 @@ __all__ = [
     "HammingIndex",
     "Index",
     "ScannIndex",
+    "StyleDatabase",
     "exact_search",
     "pack_bits",
     "sign_codes",

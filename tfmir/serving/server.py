@@ -7,6 +7,7 @@ Endpoints:
   `application/dicom` or `application/octet-stream`) or as the multipart/form-data field `image`.
   Answers `{"results": [{"id", "label", "source", "path", "score", "rank"}], "predicted_label"}`,
   the shape `tfmir search` prints per query.
+  A style database (`tfmir.serving.style`) also takes `measure`, `mode` and `candidates`.
 - `GET /healthz`: `{"status": "ok", "count", "kind", "metric", "dimension",
   "model_fingerprint", "fingerprint_checked", "backend", "k", "sources"}`.
 
@@ -54,6 +55,7 @@ from absl import logging
 
 import tfmir
 from tfmir.serving.backends import DEFAULT_MAX_IMAGE_PIXELS, BackendError, RequestError
+from tfmir.serving.retrieval import SearchError
 from tfmir.serving.service import SearchService
 
 DEFAULT_MAX_REQUEST_BYTES = 32 * 1024 * 1024
@@ -114,7 +116,9 @@ def make_server(index_dir: str | os.PathLike, model: str | os.PathLike | None, *
                 max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
                 resize_size: int | None = None,
-                idle_timeout: int = DEFAULT_IDLE_TIMEOUT) -> SearchServer:
+                idle_timeout: int = DEFAULT_IDLE_TIMEOUT, segmenter: str | None = None,
+                measure: str | None = None, mode: str | None = None,
+                candidates: int | None = None) -> SearchServer:
     """Loads an index and its model and returns a bound, not yet serving, `SearchServer`.
 
     Args:
@@ -133,6 +137,9 @@ def make_server(index_dir: str | os.PathLike, model: str | os.PathLike | None, *
         resize_size: resize side for a `.keras` model (default: its `config.json`).
         idle_timeout: seconds a keep-alive connection may wait for its next request (announced
             as `Keep-Alive: timeout=<idle_timeout>`).
+        segmenter, measure, mode, candidates: a style database only (`tfmir.serving.style`):
+            its segmenter and the defaults of requests that do not name a measure, mode or
+            number of candidates.
 
     Returns:
         The server: `serve_forever()` to serve, `shutdown()` (from another thread) to stop,
@@ -152,8 +159,22 @@ def make_server(index_dir: str | os.PathLike, model: str | os.PathLike | None, *
     """
     _check_positive_integer("max_request_bytes", max_request_bytes)
     _check_positive_integer("idle_timeout", idle_timeout)
-    service = SearchService.load(index_dir, model, k=k, tf_serving_url=tf_serving_url,
-                                 max_image_pixels=max_image_pixels, resize_size=resize_size)
+    from tfmir.index.style import is_style_database
+
+    style = {"segmenter": segmenter, "measure": measure, "mode": mode, "candidates": candidates}
+    if is_style_database(index_dir):
+        from tfmir.serving.style import StyleSearchService
+
+        service = StyleSearchService.load(index_dir, model, k=k, tf_serving_url=tf_serving_url,
+                                          max_image_pixels=max_image_pixels,
+                                          resize_size=resize_size, **style)
+    elif any(value is not None for value in style.values()):
+        given = sorted(name for name, value in style.items() if value is not None)
+        raise SearchError(f"{', '.join(given)} apply to a style database only; {index_dir} is "
+                          "another kind of index.")
+    else:
+        service = SearchService.load(index_dir, model, k=k, tf_serving_url=tf_serving_url,
+                                     max_image_pixels=max_image_pixels, resize_size=resize_size)
     if not _is_loopback(host):
         logging.warning("Serving on %s, not the loopback interface: whoever can reach it can "
                         "search the archive. Put it behind an authenticating proxy.", host)
@@ -256,9 +277,11 @@ class _SearchHandler(BaseHTTPRequestHandler):
         if url.path == "/healthz":
             return self.server.service.health()
         body = self._read_body()  # first, so that a refusal can keep the connection open
-        k, source = _query_parameters(url.query)
+        # A style database's service also takes measure, mode and candidates.
+        known = getattr(self.server.service, "query_parameters", QUERY_PARAMETERS)
+        k, source, options = _query_parameters(url.query, known)
         image = _image_from_body(self.headers.get("Content-Type"), body)
-        return self.server.service.search(image, k=k, source=source)
+        return self.server.service.search(image, k=k, source=source, **options)
 
     def _announces_body(self) -> bool:
         length = self.headers.get("Content-Length")
@@ -329,17 +352,19 @@ class _SearchHandler(BaseHTTPRequestHandler):
             pass
 
 
-def _query_parameters(query: str) -> tuple[int | None, str | None]:
-    """`k` (an int) and `source` from the query string; anything else is refused."""
+def _query_parameters(query: str,
+                      known=QUERY_PARAMETERS) -> tuple[int | None, str | None, dict]:
+    """`k` (an int), `source`, and the other `known` parameters (strings) from the query string;
+    anything else is refused."""
     try:
         parameters = urllib.parse.parse_qs(query, keep_blank_values=True, strict_parsing=False,
                                            errors="strict")
     except UnicodeDecodeError as error:
         raise RequestError(400, f"the query string is not UTF-8: {error}") from error
-    unknown = sorted(set(parameters) - set(QUERY_PARAMETERS))
+    unknown = sorted(set(parameters) - set(known))
     if unknown:
         raise RequestError(400, f"unknown query parameter(s) {unknown}; the known ones are "
-                                f"{list(QUERY_PARAMETERS)}.")
+                                f"{list(known)}.")
     repeated = sorted(name for name, values in parameters.items() if len(values) > 1)
     if repeated:
         raise RequestError(400, f"query parameter(s) {repeated} given more than once.")
@@ -354,7 +379,9 @@ def _query_parameters(query: str) -> tuple[int | None, str | None]:
     source = parameters.get("source", [None])[0]
     if source == "":
         raise RequestError(400, "source is empty: give a source name or leave it out.")
-    return k, source
+    options = {name: values[0] for name, values in parameters.items()
+               if name not in QUERY_PARAMETERS}
+    return k, source, options
 
 
 def _header(name: str, value: str) -> email.message.Message:
