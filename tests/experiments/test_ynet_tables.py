@@ -100,6 +100,7 @@ def test_folds_put_every_image_in_one_test_fold():
     assert [len(single[name]) for name in ("train", "val", "test")] == [160, 20, 20]
 
 
+@pytest.mark.large  # a second Y-Net smoke run (about 76 s): kept out of `make test` for CI time
 def test_cross_validation_queries_every_image_once(tmp_path, shared_data_dir):
     if not (shared_data_dir / "ph2" / "labels.csv").exists():
         pytest.skip(f"ph2 is not in the real data folder {shared_data_dir}")

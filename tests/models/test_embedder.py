@@ -105,7 +105,10 @@ def test_offline_imagenet_weights_give_a_clear_error(monkeypatch):
         build_backbone("resnet50", 64, weights="imagenet")
 
 
-@pytest.mark.parametrize("name", [b for b in BACKBONES if b != "small_resnet"])
+# EfficientNet-B6 (41 M parameters) alone takes longer than the others together.
+@pytest.mark.parametrize("name", [
+    pytest.param(b, marks=pytest.mark.large) if b == "efficientnet_b6" else b
+    for b in BACKBONES if b != "small_resnet"])
 def test_keras_application_backbones_build_without_weights(name):
     backbone = build_backbone(name, 64, weights=None)
     features = backbone(np.zeros((1, 64, 64, 3), "float32"))
